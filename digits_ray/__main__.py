@@ -1,0 +1,5 @@
+import sys
+
+from digits_ray.cli import main
+
+sys.exit(main())

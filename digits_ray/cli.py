@@ -1,0 +1,121 @@
+"""Command line: ``python -m digits_ray {train,evaluate,...}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from digits_ray.config import MIXED_PRECISION_MODES, SCHEDULES, TrainConfig
+
+DEFAULTS = TrainConfig()
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``key=value`` with a JSON value (``dropout=0.3``, ``filters=[32,64]``); bare words are strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``TrainConfig``; shared by ``train`` here and ``jobs/train.py``."""
+    from digits_ray.models.zoo import MODELS
+
+    parser.add_argument("--model", default=DEFAULTS.model, choices=sorted(MODELS))
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--learning-rate", "--lr", type=float, default=DEFAULTS.learning_rate)
+    parser.add_argument("--schedule", default=DEFAULTS.schedule, choices=SCHEDULES)
+    parser.add_argument("--warmup-epochs", type=float, default=DEFAULTS.warmup_epochs)
+    parser.add_argument("--early-stopping", type=int, default=DEFAULTS.early_stopping_patience, metavar="PATIENCE",
+                        help="stop after PATIENCE epochs without val_accuracy gain (0: off)")
+    parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--mixed-precision", default=DEFAULTS.mixed_precision, choices=MIXED_PRECISION_MODES)
+    parser.add_argument("--param", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
+                        help="model hyperparameter, e.g. --param dropout=0.3 (repeatable)")
+    parser.add_argument("--augment", action="store_true",
+                        help="train on a fresh random rotation/shift/zoom of every image each epoch")
+    parser.add_argument("--aug", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
+                        help="augmentation option, e.g. --aug rotation_deg=15 --aug elastic_alpha=2 "
+                             "(implies --augment; repeatable)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with the MNIST IDX files (default: $DIGITS_DATA_DIR, else download)")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        early_stopping_patience=args.early_stopping,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        mixed_precision=args.mixed_precision,
+        model_params=dict(args.param),
+        augment=dict(args.aug) if (args.augment or args.aug) else None,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from digits_ray.models.zoo import model_params
+    from digits_ray.train.local import train
+
+    cfg = train_config(args)
+    model_params(cfg.model, cfg.model_params)  # reject bad hyperparameters before loading data
+    metadata = train(cfg, args.out, args.data_dir, verbose=args.verbose)
+    print(json.dumps({k: metadata[k] for k in ("model", "training_seconds", "validation", "test_accuracy")},
+                     indent=2))
+    print(f"artifact written to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from digits_ray.evaluate import evaluate_artifact
+
+    report = evaluate_artifact(args.artifact, args.data_dir, args.report_dir)
+    test = report["test"]
+    print(f"test accuracy {test['accuracy']:.4%}  loss {test['loss']:.4f}  ({test['count']} images)")
+    print("class  precision  recall  support")
+    for cls, row in test["per_class"].items():
+        print(f"{cls:>5}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['support']:7d}")
+    print(f"plots: {', '.join(report['plots'])} in {args.report_dir or Path(args.artifact) / 'report'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m digits_ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one zoo model in this process and write an artifact folder")
+    add_train_options(train)
+    train.add_argument("--out", type=Path, default=Path("artifacts") / "model", help="artifact folder to write")
+    train.add_argument("--verbose", type=int, default=2 if not sys.stdout.isatty() else 1, choices=(0, 1, 2),
+                       help="Keras progress: 1 bar per step, 2 line per epoch")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="test-set metrics and plots for an artifact folder")
+    evaluate.add_argument("artifact", type=Path)
+    evaluate.add_argument("--data-dir", type=Path, default=None)
+    evaluate.add_argument("--report-dir", type=Path, default=None, help="default: ARTIFACT/report")
+    evaluate.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")

@@ -1,0 +1,1 @@
+"""Data layer: verified MNIST files, a deterministic train/validation split, augmentation."""

@@ -1,0 +1,76 @@
+"""Final evaluation on MNIST's test set: metrics, per-class figures and the report plots.
+
+The test set is used here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digits_ray import artifact, plots
+from digits_ray.data.mnist import NUM_CLASSES, MnistSplit, load_split
+
+PREDICT_BATCH = 1024
+
+
+def predict_proba(model, images: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict(images, batch_size=PREDICT_BATCH, verbose=0), dtype=np.float64)
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Rows: true class; columns: predicted class."""
+    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(matrix, (labels.astype(np.int64), predicted.astype(np.int64)), 1)
+    return matrix
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    predicted = probs.argmax(axis=1)
+    matrix = confusion_matrix(labels, predicted)
+    true_pos = np.diag(matrix).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(matrix.sum(axis=0) > 0, true_pos / matrix.sum(axis=0), 0.0)
+        recall = np.where(matrix.sum(axis=1) > 0, true_pos / matrix.sum(axis=1), 0.0)
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "loss": float(-np.log(picked).mean()),
+        "count": int(len(labels)),
+        "per_class": {
+            str(c): {"precision": float(precision[c]), "recall": float(recall[c]), "support": int(matrix[c].sum())}
+            for c in range(NUM_CLASSES)
+        },
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def test_metrics(model, test: MnistSplit) -> dict[str, Any]:
+    return classification_metrics(predict_proba(model, test.images), test.labels)
+
+
+def evaluate_artifact(
+    folder: Path | str, data_dir: Path | str | None = None, report_dir: Path | str | None = None
+) -> dict[str, Any]:
+    """Evaluate an artifact on the test set, write the report and record the figures in its metadata."""
+    folder = Path(folder)
+    model = artifact.load_model(folder)
+    test = load_split("test", data_dir)
+    probs = predict_proba(model, test.images)
+    metrics = classification_metrics(probs, test.labels)
+    out = Path(report_dir) if report_dir else folder / artifact.REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = probs.argmax(axis=1)
+    plots.history(artifact.read_history(folder), out / "history.png")
+    plots.confusion(np.asarray(metrics["confusion_matrix"]), out / "confusion_matrix.png")
+    plots.digit_grid(test.images, test.labels, probs, np.arange(min(25, len(test))), out / "samples.png",
+                     "Sample test predictions")
+    wrong = np.flatnonzero(predicted != test.labels)
+    plots.digit_grid(test.images, test.labels, probs, wrong[:25], out / "misclassified.png",
+                     f"Misclassified: {len(wrong)} of {len(test)} test digits")
+    report = {"test": metrics, "data_md5": test.md5, "plots": sorted(p.name for p in out.glob("*.png"))}
+    artifact.write_json_atomic(out / "report.json", report)
+    artifact.update_metadata(folder, {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]})
+    return report

@@ -1,0 +1,20 @@
+"""The single import point for Keras: tf-keras, for the reason given in ``digits_ray/__init__``."""
+
+from pathlib import Path
+
+import digits_ray  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import tensorflow as tf
+import tf_keras as keras
+
+__all__ = ["keras", "tf", "save_model"]
+
+
+def save_model(model: keras.Model, path: Path) -> None:
+    """Save in Keras's native format, always.
+
+    tf-keras picks the format from a thread-local flag that its own ``save_model`` resets to
+    False in any thread that never set it, so from the second save on in such a thread (Ray
+    Train runs the training function in one) a ``.keras`` path silently gets HDF5. Naming the
+    format avoids that.
+    """
+    model.save(path, save_format="keras_v3")

@@ -1,0 +1,1 @@
+"""Training: single-process Keras and Ray Train share one model, schedule and artifact."""

@@ -1,0 +1,108 @@
+"""Single-process training end to end on the small subset: CLI, artifact, evaluation, plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from digits_ray import artifact
+from digits_ray.cli import main
+from digits_ray.config import TrainConfig
+from digits_ray.data.split import load_train_val
+from digits_ray.evaluate import classification_metrics, predict_proba
+
+
+@pytest.fixture(scope="module")
+def trained(small_mnist, tmp_path_factory):
+    """One short real training run shared by the tests below."""
+    out = tmp_path_factory.mktemp("artifact") / "cnn"
+    code = main(["train", "--model", "cnn_basic", "--epochs", "3", "--batch-size", "128", "--lr", "2e-3",
+                 "--param", "dense=64", "--data-dir", str(small_mnist), "--out", str(out), "--verbose", "0"])
+    assert code == 0
+    return out
+
+
+def test_artifact_is_complete(trained):
+    meta = artifact.read_metadata(trained)
+    assert set(artifact.REQUIRED_METADATA) <= set(meta)
+    assert meta["model"] == "cnn_basic" and meta["model_params"]["dense"] == 64
+    assert meta["train_config"]["epochs"] == 3 and meta["epochs_run"] == 3
+    assert meta["split_sizes"] == {"train": 4500, "validation": 500, "test": 1000}
+    assert meta["data_md5"]["t10k-images-idx3-ubyte.gz"] == "37e201e31ad415f0b749e7ef3110f616"
+    assert meta["versions"]["tf_keras"].startswith("2.")
+    assert meta["training_seconds"] > 0 and meta["train_images_per_second"] > 0
+    assert 0.85 < meta["test_accuracy"] <= 1.0  # 3 epochs on 4,500 images learn real digits
+    history = artifact.read_history(trained)
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"} <= set(history.columns)
+    assert history["lr"].is_monotonic_decreasing  # cosine schedule
+
+
+def test_artifact_holds_the_best_validation_epoch(trained, small_mnist):
+    meta = artifact.read_metadata(trained)
+    cfg = TrainConfig.from_dict(meta["train_config"])
+    data = load_train_val(cfg.val_fraction, cfg.seed, small_mnist)
+    model = artifact.load_model(trained)
+    val_accuracy = classification_metrics(predict_proba(model, data.x_val), data.y_val)["accuracy"]
+    assert val_accuracy == pytest.approx(meta["validation"]["val_accuracy"], abs=1e-6)
+    assert meta["validation"]["val_accuracy"] == artifact.read_history(trained)["val_accuracy"].max()
+
+
+def test_evaluate_writes_report_and_updates_metadata(trained, small_mnist, capsys):
+    assert main(["evaluate", str(trained), "--data-dir", str(small_mnist)]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "precision" in printed
+    report_dir = trained / artifact.REPORT_DIR
+    for name in ("history.png", "confusion_matrix.png", "samples.png", "misclassified.png"):
+        assert (report_dir / name).read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((report_dir / "report.json").read_text())
+    matrix = np.array(report["test"]["confusion_matrix"])
+    assert matrix.sum() == 1000 and matrix.trace() / 1000 == pytest.approx(report["test"]["accuracy"])
+    assert artifact.read_metadata(trained)["test_accuracy"] == report["test"]["accuracy"]
+
+
+def test_train_refuses_to_overwrite_a_folder_that_is_not_an_artifact(small_mnist, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "dense", "--epochs", "1", "--data-dir", str(small_mnist),
+              "--out", str(tmp_path), "--verbose", "0"])
+    assert exit_info.value.code == 2
+    assert "not a model artifact" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--param", "widthh=3"], "no hyperparameter"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--val-fraction", "1.2"], "val_fraction must be in"),
+        (["--warmup-epochs", "9"], "warmup_epochs"),
+    ],
+)
+def test_bad_options_get_clear_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "dense", "--out", str(tmp_path / "x"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_rejects_a_folder_that_is_not_an_artifact(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tmp_path)])
+    assert "is not a model artifact" in capsys.readouterr().err
+
+
+def test_early_stopping_and_plateau_schedule(small_mnist, tmp_path):
+    from digits_ray.train.local import train
+
+    # 450 training images overfit within a few epochs: val_loss stalls (plateau halves the LR) and
+    # val_accuracy stops improving (early stopping ends the run before the epoch budget).
+    cfg = TrainConfig(model="dense", epochs=15, batch_size=32, learning_rate=3e-3, schedule="plateau",
+                      early_stopping_patience=3, val_fraction=0.9, model_params={"dropout": 0.0})
+    meta = train(cfg, tmp_path / "a", small_mnist, verbose=0)
+    history = artifact.read_history(tmp_path / "a")
+    assert meta["epochs_run"] < 15 and len(history) == meta["epochs_run"]
+    assert history["lr"].min() < 5.0  # the plateau callback cut the LR used in a later epoch
