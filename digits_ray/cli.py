@@ -93,6 +93,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from digits_ray import plots
+    from digits_ray.data.augment import AugmentConfig
+    from digits_ray.data.mnist import load_split
+    from digits_ray.data.pipeline import EpochSampler
+
+    cfg = AugmentConfig(**dict(args.aug))
+    train = load_split("train", args.data_dir)
+    picked = np.random.default_rng(args.seed).choice(len(train), size=args.count, replace=False)
+    sampler = EpochSampler(train.images, train.labels, args.seed, cfg)
+    n = len(train)
+    # Stream rows whose epoch-shuffled position is each picked image, for epochs 0..k-1.
+    columns = [train.images[picked]]
+    for epoch in range(args.epochs):
+        where = np.argsort(sampler.order(epoch))[picked]
+        columns.append(sampler.rows(epoch * n + where)["image"])
+    plots.augment_preview(columns, train.labels[picked], args.out, cfg)
+    print(f"preview written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m digits_ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", type=Path, default=None)
     evaluate.add_argument("--report-dir", type=Path, default=None, help="default: ARTIFACT/report")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    preview = sub.add_parser("augment-preview", help="PNG of original digits beside augmented versions")
+    preview.add_argument("--aug", type=parse_param, action="append", default=[], metavar="KEY=VALUE",
+                         help="augmentation option, e.g. --aug elastic_alpha=2 (repeatable)")
+    preview.add_argument("--count", type=int, default=8, help="digits (rows)")
+    preview.add_argument("--epochs", type=int, default=5, help="augmented versions (columns), one per epoch")
+    preview.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    preview.add_argument("--data-dir", type=Path, default=None)
+    preview.add_argument("--out", type=Path, default=Path("artifacts") / "augment_preview.png")
+    preview.set_defaults(func=cmd_augment_preview)
     return parser
 
 

@@ -99,3 +99,22 @@ def bar_chart(names: Sequence[str], values: Sequence[float], path: Path, title: 
     if finite and min(finite) > 0.9 and max(finite) <= 1.0:  # accuracies: zoom in on the top
         ax.set_ylim(min(finite) - 0.005, 1.0)
     return save(fig, path)
+
+
+def augment_preview(columns: Sequence[np.ndarray], labels: np.ndarray, path: Path, cfg) -> Path:
+    """Rows: digits; first column the original, then one augmented version per epoch."""
+    rows, cols = len(labels), len(columns)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.15), squeeze=False)
+    for c, images in enumerate(columns):
+        for r in range(rows):
+            ax = axes[r, c]
+            ax.imshow(images[r], cmap="gray_r", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"epoch {c - 1}", fontsize=8)
+    for r in range(rows):
+        axes[r, 0].set_ylabel(f"label {labels[r]}", fontsize=8)
+    fig.suptitle(f"rotation ±{cfg.rotation_deg:g}°, shift ±{cfg.shift:.0%}, zoom ±{cfg.zoom:.0%}, "
+                 f"elastic {cfg.elastic_alpha:g} px", fontsize=9)
+    return save(fig, path)

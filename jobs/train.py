@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     scale.add_argument("--name", default=None, help="run name; the same name resumes that run")
     scale.add_argument("--max-failures", type=int, default=SCALE.max_failures)
     scale.add_argument("--keep-checkpoints", type=int, default=SCALE.keep_checkpoints)
+    scale.add_argument("--resume-from", default=None, metavar="CHECKPOINT_DIR",
+                       help="continue after the epoch of this checkpoint (e.g. RUN/epoch_0003)")
     scale.add_argument("--num-cpus", type=float, default=None,
                        help="CPUs of the embedded local Ray (ignored when a cluster is running)")
     scale.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, auto)")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
             data=StreamConfig(block_rows=args.block_rows, concurrency=args.data_actors,
                               cpus_per_actor=args.cpus_per_data_actor),
             storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
-            keep_checkpoints=args.keep_checkpoints,
+            keep_checkpoints=args.keep_checkpoints, resume_from=args.resume_from,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -43,6 +43,7 @@ class ScaleConfig:
     name: str | None = None
     max_failures: int = 2  # worker failures to recover from (from the latest checkpoint)
     keep_checkpoints: int = 2  # best by val_accuracy; Ray also keeps the latest for resuming
+    resume_from: str | None = None  # a checkpoint folder of an earlier run: continue after its epoch
 
     def __post_init__(self) -> None:
         if self.workers < 1 or not self.cpus_per_worker > 0 or self.max_failures < -1 or self.keep_checkpoints < 1:
@@ -102,15 +103,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps = steps_per_epoch(config["n_train"], cfg.batch_size, workers)
     x_val, y_val = ray.get(config["validation"])
 
+    # Ray's latest checkpoint after a failure in this run; else the one this run was told to resume.
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config["resume_from"]:
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
     with strategy.scope():
         if checkpoint:
             model, state = _load_checkpoint(checkpoint)  # weights, optimizer state, step count
         else:
-            model, state = build_model(cfg.model, cfg.model_params), {"history": []}
+            model, state = build_model(cfg.model, cfg.model_params), {"history": [], "attempt_starts": []}
             # Linear scaling: the global batch is `workers` times larger, so is the learning rate.
             recipe.compile_model(model, cfg, steps, lr_scale=workers)
     start_epoch = len(state["history"])
+    state["attempt_starts"].append(start_epoch)  # kept in every later checkpoint: shows each resume
 
     shard = ray.train.get_dataset_shard("train")
 
@@ -158,6 +163,8 @@ def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data_dir: Path | str | N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    if scale.resume_from and not (Path(scale.resume_from) / CHECKPOINT_STATE).is_file():
+        raise ValueError(f"--resume-from {scale.resume_from} is not a checkpoint of this job (no {CHECKPOINT_STATE})")
     data = load_train_val(cfg.val_fraction, cfg.seed, data_dir)
     steps_per_epoch(len(data.y_train), cfg.batch_size, scale.workers)  # fail fast on a too-large batch
     stream = training_stream(data.x_train, data.y_train, cfg.epochs, cfg.seed, cfg.augment_config(), scale.data)
@@ -169,6 +176,8 @@ def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data_dir: Path | str | N
             "n_train": len(data.y_train),
             "validation": ray.put((data.x_val, data.y_val)),
             "threads": max(1, math.ceil(scale.cpus_per_worker)),
+            # Train V2 has no resume_from_checkpoint: the loop falls back to this when Ray has none.
+            "resume_from": str(Path(scale.resume_from).resolve()) if scale.resume_from else None,
         },
         scaling_config=ScalingConfig(num_workers=scale.workers, use_gpu=scale.use_gpu,
                                      resources_per_worker=resources),
@@ -209,7 +218,8 @@ def train(cfg: TrainConfig, scale: ScaleConfig, out_dir: Path | str, data_dir: P
     history = pd.DataFrame(latest_state["history"])
     extra = {
         "trained_with": {"runner": "ray_train", "workers": scale.workers, "use_gpu": scale.use_gpu,
-                         "cpus_per_worker": scale.cpus_per_worker, "run_path": str(result.path)},
+                         "cpus_per_worker": scale.cpus_per_worker, "run_path": str(result.path),
+                         "attempt_start_epochs": latest_state["attempt_starts"]},
         "wall_seconds": round(wall_seconds, 2),
     }
     return finish(model, cfg, history, md5, sizes, float(np.sum(history["seconds"])), out_dir, data_dir,

@@ -1,0 +1,124 @@
+"""Ray Train on a local 2-CPU Ray: 2 workers under MultiWorkerMirroredStrategy, resume, fault tolerance.
+
+This is also the proof of the Keras path (README, "Why tf-keras"): tf-keras ``fit`` runs under
+MultiWorkerMirroredStrategy inside Ray Train's TensorflowTrainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from digits_ray import artifact
+from digits_ray.config import TrainConfig
+from digits_ray.data.pipeline import StreamConfig
+from digits_ray.train import distributed
+from digits_ray.train.distributed import ScaleConfig
+
+# A small CNN keeps each epoch to a few seconds on 2 cores.
+CFG = TrainConfig(model="cnn_basic", epochs=3, batch_size=64, augment={},
+                  model_params={"filters": [16, 32], "dense": 64})
+STREAM = StreamConfig(block_rows=1024, concurrency=1, cpus_per_actor=0.5)
+
+
+def scale(storage, name, **kwargs) -> ScaleConfig:
+    return ScaleConfig(workers=2, cpus_per_worker=0.5, data=STREAM, storage_path=str(storage), name=name, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(ray_local, small_mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ray_artifact") / "model"
+    meta = distributed.train(CFG, scale(ray_local, "two_workers", keep_checkpoints=3), out, small_mnist)
+    return meta, out, ray_local / "two_workers"
+
+
+def test_two_workers_train_and_write_the_artifact(two_worker_run):
+    meta, out, run_dir = two_worker_run
+    assert meta["trained_with"]["runner"] == "ray_train" and meta["trained_with"]["workers"] == 2
+    assert set(artifact.REQUIRED_METADATA) <= set(artifact.read_metadata(out))
+    history = artifact.read_history(out)
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert history["val_accuracy"].iloc[-1] > history["val_accuracy"].iloc[0]
+    assert meta["test_accuracy"] > 0.85
+    artifact.load_model(out)
+    for checkpoint in sorted(run_dir.glob("epoch_*")):  # every checkpoint in Keras's native (zip) format
+        assert (checkpoint / distributed.CHECKPOINT_MODEL).read_bytes()[:2] == b"PK"
+
+
+def test_resume_continues_at_the_next_epoch(two_worker_run, ray_local, small_mnist, tmp_path):
+    _, out, run_dir = two_worker_run
+    first = artifact.read_history(out)
+    meta = distributed.train(CFG, scale(ray_local, "resumed", resume_from=str(run_dir / "epoch_0001")),
+                             tmp_path / "model", small_mnist)
+    history = artifact.read_history(tmp_path / "model")
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert history["loss"].iloc[0] == pytest.approx(first["loss"].iloc[0])  # epoch 1 restored, not re-run
+    # The optimizer's step count came back with it, so the LR schedule continues where it was.
+    assert history["lr"].iloc[1] == pytest.approx(first["lr"].iloc[1], rel=1e-5)
+    assert sorted(p.name for p in (ray_local / "resumed").glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
+    assert meta["trained_with"]["attempt_start_epochs"] == [0, 1]
+    assert meta["test_accuracy"] > 0.85
+
+
+def train_worker_pids() -> set[int]:
+    """PIDs of live Ray Train worker processes, by the process title Ray gives them."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.add(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint Ray would resume from, as recorded in the run's persisted state."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
+
+
+def kill_a_worker_after_first_checkpoint(run_dir: Path, seen: dict[str, set[int]], timeout_s: float = 240) -> None:
+    """SIGKILL one worker once Ray has registered a checkpoint, then record the workers that replace it."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not latest_checkpoint(run_dir):
+        time.sleep(0.2)
+    before = train_worker_pids()
+    if not before:
+        return
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    seen["killed"] = {victim}
+    while time.time() < deadline:
+        new = train_worker_pids() - before
+        if new:
+            seen["restarted"] = new
+            return
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(ray_local, small_mnist, tmp_path):
+    run_dir = ray_local / "killed"
+    cfg = TrainConfig(**{**CFG.to_dict(), "epochs": 4})
+    seen: dict[str, set[int]] = {}
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, args=(run_dir, seen), daemon=True)
+    killer.start()
+    meta = distributed.train(cfg, scale(ray_local, "killed"), tmp_path / "model", small_mnist)
+    killer.join()
+    assert seen.get("killed"), "no training worker process was found to kill"
+    assert seen.get("restarted"), "Ray Train did not start replacement workers"
+    history = artifact.read_history(tmp_path / "model")
+    assert list(history["epoch"]) == [1, 2, 3, 4]  # every epoch once
+    starts = meta["trained_with"]["attempt_start_epochs"]
+    assert starts[0] == 0 and len(starts) >= 2 and starts[-1] >= 1  # resumed from a checkpoint, not from scratch
+    assert meta["test_accuracy"] > 0.85  # comparable to an undisturbed run
