@@ -17,7 +17,7 @@ import os
 import platform
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def write_artifact(out_dir: Path | str, model, metadata: dict[str, Any], history
     try:
         save_model(model, staging / MODEL_FILE)
         history.to_csv(staging / HISTORY_FILE, index=False)
-        stamped = {"format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        stamped = {"format": FORMAT, "created": datetime.now(UTC).isoformat(timespec="seconds")}
         write_json_atomic(staging / METADATA_FILE, {**stamped, **metadata})
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")

@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
-import digits_ray  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import tensorflow as tf
 import tf_keras as keras
+
+import digits_ray  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 __all__ = ["keras", "tf", "save_model"]
 

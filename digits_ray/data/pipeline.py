@@ -11,8 +11,9 @@ that epoch's seeded shuffle, augmented with randomness keyed on (seed, epoch, im
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ def training_stream(
 
 def limit_data_cpus(cpus: float) -> None:
     """Cap the CPUs Ray Data's executor may hold, leaving the rest to training workers."""
-    from ray.data import DataContext, ExecutionResources
+    from ray.data import DataContext
 
     options = DataContext.get_current().execution_options
     options.resource_limits = options.resource_limits.copy(cpu=cpus)

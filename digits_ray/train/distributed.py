@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from digits_ray import artifact
 from digits_ray.config import TrainConfig
 from digits_ray.data.pipeline import IMAGE_COLUMN, LABEL_COLUMN, StreamConfig, training_stream
 from digits_ray.data.split import load_train_val

@@ -18,9 +18,15 @@ from digits_ray.train.feed import tf_dataset
 from digits_ray.train.finish import finish, history_frame
 
 
-def fit(cfg: TrainConfig, data: TrainValData, verbose: int | str = 2) -> tuple[keras.Model, Any, float]:
+def fit(
+    cfg: TrainConfig,
+    data: TrainValData,
+    verbose: int | str = 2,
+    extra_callbacks: list[keras.callbacks.Callback] = (),
+) -> tuple[keras.Model, Any, float]:
     """Train on ``data``; return the model holding its best-validation-accuracy weights,
-    the history frame and the seconds spent in ``fit``."""
+    the history frame and the seconds spent in ``fit``. ``extra_callbacks`` run after the epoch's
+    time is taken, so their work is not counted as training."""
     keras.utils.set_random_seed(cfg.seed)
     recipe.set_precision(cfg.mixed_precision)
     model = build_model(cfg.model, cfg.model_params)
@@ -34,6 +40,7 @@ def fit(cfg: TrainConfig, data: TrainValData, verbose: int | str = 2) -> tuple[k
                 best_path, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True
             ),
             *recipe.schedule_callbacks(cfg),
+            *extra_callbacks,
         ]
         augment_cfg = cfg.augment_config()
         if augment_cfg is None:

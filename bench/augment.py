@@ -1,0 +1,152 @@
+"""Single-process against parallel augmentation: throughput, then the end-to-end effect on training.
+
+    python bench/augment.py                       # throughput + end-to-end (about 25 minutes on 2 cores)
+    python bench/augment.py --skip-training       # throughput only (about 2 minutes)
+
+Throughput, all in this one run on the same images and augmentation settings:
+  (a) a single-threaded per-image loop, (b) a Python thread pool over images (the "multi-threaded"
+  approach of the original projects), (c) the vectorized function in one process, (d) Ray Data with
+  1 and 2 augmentation actors on a local Ray (steady state, after the actors have started).
+End to end: training seconds and test accuracy of cnn_basic and cnn_deep with and without
+augmentation. Writes bench/results/augment.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from _common import RESULTS, ROOT, markdown_table, save
+
+from digits_ray import plots
+from digits_ray.config import TrainConfig
+from digits_ray.data.augment import AugmentConfig, augment
+from digits_ray.data.mnist import load_split
+from digits_ray.data.pipeline import EpochSampler, StreamConfig, training_stream
+from digits_ray.ray_backend import init_ray, quiet_data_progress
+
+CFG = AugmentConfig()
+
+
+def rate(fn, images: int, repeats: int) -> float:
+    """Median images/s over ``repeats`` timed runs of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return images / statistics.median(times)
+
+
+def per_image(images: np.ndarray) -> None:
+    for i in range(len(images)):
+        augment(images[i : i + 1], np.array([i]), 0, 0, CFG)
+
+
+def thread_pool(images: np.ndarray, threads: int) -> None:
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: augment(images[i : i + 1], np.array([i]), 0, 0, CFG), range(len(images))))
+
+
+def vectorized(images: np.ndarray, labels: np.ndarray, block_rows: int) -> None:
+    sampler = EpochSampler(images, labels, 0, CFG)
+    for start in range(0, len(labels), block_rows):
+        sampler.rows(np.arange(start, min(start + block_rows, len(labels))))
+
+
+def ray_data(images: np.ndarray, labels: np.ndarray, actors: int, epochs: int) -> tuple[float, float]:
+    """(steady images/s after the first batch, seconds until the first batch)."""
+    stream = training_stream(images, labels, epochs, 0, CFG,
+                             StreamConfig(concurrency=actors, cpus_per_actor=2 / actors))
+    start = time.perf_counter()
+    first, count = None, 0
+    for batch in stream.iter_batches(batch_size=4096, batch_format="numpy", prefetch_batches=4):
+        if first is None:
+            first = time.perf_counter()
+        else:
+            count += len(batch["label"])
+    return count / (time.perf_counter() - first), first - start
+
+
+def throughput(images: np.ndarray, labels: np.ndarray, repeats: int) -> list[dict]:
+    small = images[:3000]
+    threads = os.cpu_count() or 2
+    rows = [
+        {"method": "(a) per-image loop, 1 thread", "images_per_second": rate(lambda: per_image(small), 3000, repeats)},
+        {"method": f"(b) thread pool, {threads} threads",
+         "images_per_second": rate(lambda: thread_pool(small, threads), 3000, repeats)},
+        {"method": "(c) vectorized, 1 process",
+         "images_per_second": rate(lambda: vectorized(images, labels, 8192), len(labels), repeats)},
+    ]
+    init_ray(num_cpus=2)
+    quiet_data_progress()
+    for actors in (1, 2):
+        runs = [ray_data(images, labels, actors, epochs=3) for _ in range(repeats)]
+        rows.append({"method": f"(d) Ray Data, {actors} actor{'s' if actors > 1 else ''}",
+                     "images_per_second": statistics.median(r[0] for r in runs),
+                     "startup_seconds": statistics.median(r[1] for r in runs)})
+    base = rows[0]["images_per_second"]
+    for row in rows:
+        row["speedup_vs_loop"] = row["images_per_second"] / base
+    return rows
+
+
+def end_to_end(epochs: dict[str, int], data_dir) -> list[dict]:
+    from digits_ray.train.local import train
+
+    rows = []
+    for model, n_epochs in epochs.items():
+        for augmented in (False, True):
+            cfg = TrainConfig(model=model, epochs=n_epochs, batch_size=128, augment={} if augmented else None)
+            out = ROOT / "artifacts" / "bench" / "augment" / f"{model}_{'aug' if augmented else 'plain'}"
+            meta = train(cfg, out, data_dir, verbose=2)
+            rows.append({"model": model, "augmented": augmented, "epochs": n_epochs,
+                         "training_seconds": meta["training_seconds"],
+                         "images_per_second": meta["train_images_per_second"],
+                         "val_accuracy": meta["validation"]["val_accuracy"], "test_accuracy": meta["test_accuracy"]})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--epochs", type=int, nargs=2, default=[8, 8], metavar=("CNN_BASIC", "CNN_DEEP"))
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+
+    train = load_split("train", args.data_dir)
+    rows = throughput(train.images, train.labels, args.repeats)
+    table = markdown_table(
+        [{**r, "ips": f"{r['images_per_second']:,.0f}", "x": f"{r['speedup_vs_loop']:.1f}x",
+          "start": f"{r['startup_seconds']:.1f}" if "startup_seconds" in r else ""} for r in rows],
+        [("method", "method"), ("ips", "images/s (median)"), ("x", "vs per-image loop"), ("start", "startup s")],
+    )
+    training = [] if args.skip_training else end_to_end(dict(zip(("cnn_basic", "cnn_deep"), args.epochs)),
+                                                        args.data_dir)
+    if training:
+        fastest_training = max(r["images_per_second"] for r in training)
+        ray_best = max(r["images_per_second"] for r in rows if r["method"].startswith("(d)"))
+        table += (f"\n\nRay Data feeds {ray_best / fastest_training:.0f}x the fastest training throughput "
+                  f"measured here ({fastest_training:,.0f} images/s).\n\n")
+        table += markdown_table(
+            [{**r, "aug": "yes" if r["augmented"] else "no", "secs": f"{r['training_seconds']:.0f}",
+              "test": f"{r['test_accuracy']:.2%}", "val": f"{r['val_accuracy']:.2%}"} for r in training],
+            [("model", "model"), ("aug", "augmented"), ("epochs", "epochs"), ("secs", "training s"),
+             ("val", "val accuracy"), ("test", "test accuracy")],
+        )
+    print(table)
+    (RESULTS / "augment.md").write_text(table + "\n")
+    plots.bar_chart([r["method"].split(")")[0] + ")" for r in rows], [r["images_per_second"] for r in rows],
+                    RESULTS / "augment.png", "Augmentation throughput on this machine", "images/s (median)",
+                    value_format="{:,.0f}")
+    print(f"saved {save('augment', {'augment_config': CFG.__dict__, 'throughput': rows, 'training': training})}")
+
+
+if __name__ == "__main__":
+    main()

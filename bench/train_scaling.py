@@ -1,0 +1,139 @@
+"""Single-process Keras against Ray Train with 1 and 2 workers: same model, epochs and global batch.
+
+    python bench/train_scaling.py                 # about 6 minutes on 2 cores
+    python bench/train_scaling.py --use-gpu --mixed-precision on   # on a GPU machine
+
+For each: images/s (median over epochs after the first, which traces the graph), training seconds
+until the test accuracy first reaches 99.0% (the test set is evaluated after every epoch for this
+report only; nothing is selected on it), final test accuracy, and Ray's overhead (wall time of the
+whole run against the time spent in epochs). Per-worker batch = global batch / workers, and the
+configured LR is divided by the workers so that the linearly scaled LR equals single-process's.
+Writes bench/results/train_scaling.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from _common import RESULTS, ROOT, markdown_table, save
+
+from digits_ray import plots
+from digits_ray.config import TrainConfig
+from digits_ray.data.mnist import load_split
+from digits_ray.evaluate import test_metrics
+from digits_ray.keras_api import keras
+from digits_ray.ray_backend import init_ray, quiet_data_progress
+from digits_ray.train import distributed
+from digits_ray.train.local import fit
+
+TARGET = 0.99
+# The fastest CPU recipe found for 99.0%: cnn_bn pooling after each conv, batch 128, warmup + cosine.
+RECIPE = {"model": "cnn_bn", "batch_size": 128, "learning_rate": 4e-3, "warmup_epochs": 0.3,
+          "schedule": "cosine", "model_params": {"pool_after_each": True}}
+
+
+def summarize(name: str, history: list[dict], test_acc: list[float], images_per_epoch: int,
+              wall_seconds: float) -> dict:
+    seconds = np.cumsum([h["seconds"] for h in history])
+    reached = next((i for i, acc in enumerate(test_acc) if acc >= TARGET), None)
+    steady = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
+    return {
+        "runner": name,
+        "epochs": len(history),
+        "images_per_second": images_per_epoch / statistics.median(steady),
+        "seconds_to_target": float(seconds[reached]) if reached is not None else None,
+        "epoch_reaching_target": reached + 1 if reached is not None else None,
+        "final_test_accuracy": test_acc[-1],
+        "test_accuracy_per_epoch": test_acc,
+        "training_seconds": float(seconds[-1]),
+        "wall_seconds": wall_seconds,
+        "overhead_seconds": wall_seconds - float(seconds[-1]),
+    }
+
+
+def single_process(cfg: TrainConfig, data_dir) -> dict:
+    from digits_ray.data.split import load_train_val
+
+    data = load_train_val(cfg.val_fraction, cfg.seed, data_dir)
+    test = load_split("test", data_dir)
+    test_acc: list[float] = []
+
+    class TestEachEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            test_acc.append(test_metrics(self.model, test)["accuracy"])
+
+    start = time.perf_counter()
+    _, history, _ = fit(cfg, data, verbose=2, extra_callbacks=[TestEachEpoch()])
+    wall = time.perf_counter() - start
+    return summarize("keras, 1 process", history.to_dict("records"), test_acc, len(data.y_train), wall)
+
+
+def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data_dir, storage: str) -> dict:
+    from digits_ray.data.split import load_train_val
+
+    per_worker = TrainConfig(**{**cfg.to_dict(), "batch_size": cfg.batch_size // workers,
+                                "learning_rate": cfg.learning_rate / workers})
+    name = f"scaling_{workers}w_{int(time.time())}"
+    scale = distributed.ScaleConfig(workers=workers, use_gpu=use_gpu, cpus_per_worker=1.5 / workers,
+                                    data=distributed.StreamConfig(concurrency=1, cpus_per_actor=0.5),
+                                    storage_path=storage, name=name, keep_checkpoints=cfg.epochs, max_failures=0)
+    trainer, sizes, _ = distributed.build_trainer(per_worker, scale, data_dir)
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - start
+    test = load_split("test", data_dir)
+    test_acc = []
+    for checkpoint, _ in sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"]):
+        model, state = distributed._load_checkpoint(checkpoint)
+        test_acc.append(test_metrics(model, test)["accuracy"])
+    history = state["history"]
+    steps = distributed.steps_per_epoch(len(load_train_val(cfg.val_fraction, cfg.seed, data_dir).y_train),
+                                        per_worker.batch_size, workers)
+    label = f"Ray Train, {workers} worker{'s' if workers > 1 else ''}" + (" (GPU)" if use_gpu else "")
+    return summarize(label, history, test_acc, steps * per_worker.batch_size * workers, wall)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--mixed-precision", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--storage-path", default=str(ROOT / "artifacts" / "bench" / "ray_runs"))
+    args = parser.parse_args()
+
+    cfg = TrainConfig(**RECIPE, epochs=args.epochs, mixed_precision=args.mixed_precision)
+    rows = [single_process(cfg, args.data_dir)]
+    print(rows[-1], flush=True)
+    init_ray(num_cpus=None if args.use_gpu else 2)
+    quiet_data_progress()
+    for workers in args.workers:
+        rows.append(ray_train(cfg, workers, args.use_gpu, args.data_dir, args.storage_path))
+        print(rows[-1], flush=True)
+
+    base = rows[0]["images_per_second"]
+    for row in rows:
+        row["throughput_vs_single"] = row["images_per_second"] / base
+    table = markdown_table(
+        [{**r, "ips": f"{r['images_per_second']:,.0f}", "rel": f"{r['throughput_vs_single']:.0%}",
+          "tt": f"{r['seconds_to_target']:.1f} (epoch {r['epoch_reaching_target']})"
+          if r["seconds_to_target"] is not None else "not reached",
+          "acc": f"{r['final_test_accuracy']:.2%}", "wall": f"{r['wall_seconds']:.0f}",
+          "over": f"{r['overhead_seconds']:.0f}"} for r in rows],
+        [("runner", "runner"), ("ips", "images/s"), ("rel", "vs 1 process"), ("tt", "training s to 99.0%"),
+         ("acc", "final test accuracy"), ("wall", "wall s"), ("over", "overhead s (wall - epochs)")],
+    )
+    print(table)
+    (RESULTS / "train_scaling.md").write_text(table + "\n")
+    plots.bar_chart([r["runner"] for r in rows], [r["images_per_second"] for r in rows],
+                    RESULTS / "train_scaling.png", "Training throughput, same model and global batch",
+                    "images/s (median epoch)", value_format="{:,.0f}")
+    print(f"saved {save('train_scaling', {'recipe': cfg.to_dict(), 'target': TARGET, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
