@@ -1,14 +1,14 @@
 """Single-process against parallel augmentation: throughput, then the end-to-end effect on training.
 
-    python bench/augment.py                       # throughput + end-to-end (about 25 minutes on 2 cores)
-    python bench/augment.py --skip-training       # throughput only (about 2 minutes)
+    python bench/augment.py                       # throughput + end-to-end (about 30 minutes on 2 cores)
+    python bench/augment.py --skip-training       # throughput only (about 3 minutes)
 
 Throughput, all in this one run on the same images and augmentation settings:
   (a) a single-threaded per-image loop, (b) a Python thread pool over images (the "multi-threaded"
   approach of the original projects), (c) the vectorized function in one process, (d) Ray Data with
   1 and 2 augmentation actors on a local Ray (steady state, after the actors have started).
 End to end: training seconds and test accuracy of cnn_basic and cnn_deep with and without
-augmentation. Writes bench/results/augment.{json,md,png}.
+augmentation. Writes bench/results/augment_throughput.{json,md,png} and augment_training.{json,md}.
 """
 
 from __future__ import annotations
@@ -127,25 +127,30 @@ def main() -> None:
           "start": f"{r['startup_seconds']:.1f}" if "startup_seconds" in r else ""} for r in rows],
         [("method", "method"), ("ips", "images/s (median)"), ("x", "vs per-image loop"), ("start", "startup s")],
     )
-    training = [] if args.skip_training else end_to_end(dict(zip(("cnn_basic", "cnn_deep"), args.epochs)),
-                                                        args.data_dir)
-    if training:
-        fastest_training = max(r["images_per_second"] for r in training)
-        ray_best = max(r["images_per_second"] for r in rows if r["method"].startswith("(d)"))
-        table += (f"\n\nRay Data feeds {ray_best / fastest_training:.0f}x the fastest training throughput "
-                  f"measured here ({fastest_training:,.0f} images/s).\n\n")
-        table += markdown_table(
-            [{**r, "aug": "yes" if r["augmented"] else "no", "secs": f"{r['training_seconds']:.0f}",
-              "test": f"{r['test_accuracy']:.2%}", "val": f"{r['val_accuracy']:.2%}"} for r in training],
-            [("model", "model"), ("aug", "augmented"), ("epochs", "epochs"), ("secs", "training s"),
-             ("val", "val accuracy"), ("test", "test accuracy")],
-        )
     print(table)
-    (RESULTS / "augment.md").write_text(table + "\n")
+    (RESULTS / "augment_throughput.md").write_text(table + "\n")
     plots.bar_chart([r["method"].split(")")[0] + ")" for r in rows], [r["images_per_second"] for r in rows],
-                    RESULTS / "augment.png", "Augmentation throughput on this machine", "images/s (median)",
-                    value_format="{:,.0f}")
-    print(f"saved {save('augment', {'augment_config': CFG.__dict__, 'throughput': rows, 'training': training})}")
+                    RESULTS / "augment_throughput.png", "Augmentation throughput on this machine",
+                    "images/s (median)", value_format="{:,.0f}")
+    print(f"saved {save('augment_throughput', {'augment_config': CFG.__dict__, 'rows': rows})}")
+    if args.skip_training:
+        return
+
+    training = end_to_end(dict(zip(("cnn_basic", "cnn_deep"), args.epochs)), args.data_dir)
+    fastest = max(r["images_per_second"] for r in training)
+    ray_best = max(r["images_per_second"] for r in rows if r["method"].startswith("(d)"))
+    table = markdown_table(
+        [{**r, "aug": "yes" if r["augmented"] else "no", "secs": f"{r['training_seconds']:.0f}",
+          "ips": f"{r['images_per_second']:,.0f}", "test": f"{r['test_accuracy']:.2%}",
+          "val": f"{r['val_accuracy']:.2%}"} for r in training],
+        [("model", "model"), ("aug", "augmented"), ("epochs", "epochs"), ("secs", "training s"),
+         ("ips", "train images/s"), ("val", "val accuracy"), ("test", "test accuracy")],
+    )
+    table += (f"\n\nRay Data (2 actors) feeds {ray_best / fastest:.0f}x the fastest training throughput "
+              f"measured here ({fastest:,.0f} images/s).\n")
+    print(table)
+    (RESULTS / "augment_training.md").write_text(table)
+    print(f"saved {save('augment_training', {'augment_config': CFG.__dict__, 'rows': training})}")
 
 
 if __name__ == "__main__":

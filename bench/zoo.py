@@ -1,6 +1,6 @@
 """Train every zoo model on full MNIST with its published settings; table and comparison chart.
 
-    python bench/zoo.py                      # all models (about 40 minutes on 2 cores)
+    python bench/zoo.py                      # all models (about 30 minutes on 2 cores)
     python bench/zoo.py --models cnn_bn cnn_nobn
 
 Needs full MNIST: $DIGITS_DATA_DIR, or a download. Writes bench/results/zoo.{json,md,png};
@@ -23,7 +23,7 @@ PUBLISHED = {
     "cnn_basic": ({"epochs": 12, "batch_size": 128}, 0.9925, "Keras mnist_cnn example (12 epochs)"),
     "cnn_nobn": ({"epochs": 5, "batch_size": 64}, 0.99029, "BN comparison, without BN"),
     "cnn_bn": ({"epochs": 5, "batch_size": 64}, 0.99279, "BN comparison, with BN"),
-    "cnn_deep": ({"epochs": 15, "batch_size": 128, "augment": {}, "early_stopping_patience": 4}, 0.993,
+    "cnn_deep": ({"epochs": 10, "batch_size": 128, "augment": {}, "early_stopping_patience": 3}, 0.993,
                  "3-block CNN with augmentation, early stopping, LR schedule"),
 }
 

@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     scale.add_argument("--data-actors", type=int, default=STREAM.concurrency, help="augmentation actors")
     scale.add_argument("--cpus-per-data-actor", type=float, default=STREAM.cpus_per_actor)
     scale.add_argument("--block-rows", type=int, default=STREAM.block_rows)
+    scale.add_argument("--max-data-cpus", type=float, default=STREAM.max_data_cpus,
+                       help="cap on the CPUs Ray Data may hold in all (default: no cap)")
     scale.add_argument("--storage-path", default=str(DEFAULT_STORAGE), help="where Ray keeps checkpoints")
     scale.add_argument("--name", default=None, help="run name; the same name resumes that run")
     scale.add_argument("--max-failures", type=int, default=SCALE.max_failures)
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
         scale = ScaleConfig(
             workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
             data=StreamConfig(block_rows=args.block_rows, concurrency=args.data_actors,
-                              cpus_per_actor=args.cpus_per_data_actor),
+                              cpus_per_actor=args.cpus_per_data_actor, max_data_cpus=args.max_data_cpus),
             storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
             keep_checkpoints=args.keep_checkpoints, resume_from=args.resume_from,
         )

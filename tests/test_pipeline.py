@@ -62,6 +62,20 @@ def test_ray_stream_matches_the_local_iterator(ray_local, train_split):
     np.testing.assert_array_equal(np.bincount(ray_labels), 2 * np.bincount(labels))
 
 
+def test_data_cpu_cap_is_applied(ray_local, train_split):
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    before = options.resource_limits
+    try:
+        stream = training_stream(*train_split, epochs=1, seed=0, augment_cfg=None,
+                                 stream=StreamConfig(block_rows=600, concurrency=1, max_data_cpus=1.0))
+        assert options.resource_limits.cpu == 1.0
+        assert sum(len(b["label"]) for b in stream.iter_batches(batch_size=600)) == 1200
+    finally:
+        options.resource_limits = before
+
+
 def test_bad_stream_options():
     with pytest.raises(ValueError, match="block_rows and concurrency"):
         StreamConfig(concurrency=0)

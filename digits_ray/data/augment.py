@@ -106,15 +106,24 @@ def _elastic_field(u: np.ndarray, grid: int, alpha: float) -> tuple[np.ndarray, 
     return field[:, 0].reshape(n, -1), field[:, 1].reshape(n, -1)
 
 
+CHUNK_IMAGES = 256  # images warped at a time: keeps the (chunk, 784) float temporaries in cache
+
+
 def augment(images: np.ndarray, index: np.ndarray, epoch: int, seed: int, cfg: AugmentConfig) -> np.ndarray:
     """Augment a batch of uint8 (N, 28, 28) images; ``index`` gives each image's dataset position."""
-    n = len(images)
-    if n == 0:
-        return images.copy()
-    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8:
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
+    index = np.asarray(index)
+    out = np.empty_like(images)
+    for start in range(0, len(images), CHUNK_IMAGES):
+        part = slice(start, start + CHUNK_IMAGES)
+        out[part] = _augment_chunk(images[part], index[part], epoch, seed, cfg)
+    return out
+
+
+def _augment_chunk(images: np.ndarray, index: np.ndarray, epoch: int, seed: int, cfg: AugmentConfig) -> np.ndarray:
     elastic = cfg.elastic_alpha > 0
-    u = uniform(seed, epoch, np.asarray(index), 4 + (2 * cfg.elastic_grid**2 if elastic else 0))
+    u = uniform(seed, epoch, index, 4 + (2 * cfg.elastic_grid**2 if elastic else 0))
     angle = np.deg2rad((u[:, 0] * 2 - 1) * cfg.rotation_deg)
     scale = 1 + (u[:, 1] * 2 - 1) * cfg.zoom
     cos, sin = np.cos(angle) * scale, np.sin(angle) * scale
