@@ -72,8 +72,6 @@ def single_process(cfg: TrainConfig, data_dir) -> dict:
 
 
 def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data_dir, storage: str) -> dict:
-    from digits_ray.data.split import load_train_val
-
     per_worker = TrainConfig(**{**cfg.to_dict(), "batch_size": cfg.batch_size // workers,
                                 "learning_rate": cfg.learning_rate / workers})
     name = f"scaling_{workers}w_{int(time.time())}"
@@ -90,8 +88,7 @@ def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data_dir, storage: 
         model, state = distributed._load_checkpoint(checkpoint)
         test_acc.append(test_metrics(model, test)["accuracy"])
     history = state["history"]
-    steps = distributed.steps_per_epoch(len(load_train_val(cfg.val_fraction, cfg.seed, data_dir).y_train),
-                                        per_worker.batch_size, workers)
+    steps = distributed.steps_per_epoch(sizes["train"], per_worker.batch_size, workers)
     label = f"Ray Train, {workers} worker{'s' if workers > 1 else ''}" + (" (GPU)" if use_gpu else "")
     return summarize(label, history, test_acc, steps * per_worker.batch_size * workers, wall)
 

@@ -52,7 +52,10 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
+    """The run's config, fully checked (model hyperparameters too) before any data is loaded."""
+    from digits_ray.models.zoo import model_params
+
+    cfg = TrainConfig(
         model=args.model,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -66,14 +69,14 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         model_params=dict(args.param),
         augment=dict(args.aug) if (args.augment or args.aug) else None,
     )
+    model_params(cfg.model, cfg.model_params)
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from digits_ray.models.zoo import model_params
     from digits_ray.train.local import train
 
     cfg = train_config(args)
-    model_params(cfg.model, cfg.model_params)  # reject bad hyperparameters before loading data
     metadata = train(cfg, args.out, args.data_dir, verbose=args.verbose)
     print(json.dumps({k: metadata[k] for k in ("model", "training_seconds", "validation", "test_accuracy")},
                      indent=2))
@@ -102,8 +105,10 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     from digits_ray.data.mnist import load_split
     from digits_ray.data.pipeline import EpochSampler
 
-    cfg = AugmentConfig(**dict(args.aug))
+    cfg = AugmentConfig.from_dict(dict(args.aug))
     train = load_split("train", args.data_dir)
+    if not 1 <= args.count <= len(train) or args.epochs < 1:
+        raise ValueError(f"--count must be in 1..{len(train)} and --epochs >= 1; got {args.count}, {args.epochs}")
     picked = np.random.default_rng(args.seed).choice(len(train), size=args.count, replace=False)
     sampler = EpochSampler(train.images, train.labels, args.seed, cfg)
     n = len(train)

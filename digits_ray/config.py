@@ -86,13 +86,7 @@ class TrainConfig:
         """The run's ``AugmentConfig``, or None when it trains on the images as they are."""
         from digits_ray.data.augment import AugmentConfig
 
-        if self.augment is None:
-            return None
-        known = {f.name for f in dataclasses.fields(AugmentConfig)}
-        unknown = sorted(set(self.augment) - known)
-        if unknown:
-            raise ValueError(f"unknown augmentation option(s) {unknown}; accepted: {sorted(known)}")
-        return AugmentConfig(**self.augment)
+        return None if self.augment is None else AugmentConfig.from_dict(self.augment)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -67,7 +67,11 @@ def main(argv=None) -> int:
     mode = init_ray(args.num_cpus, args.address)
     quiet_data_progress()
     print(f"Ray: {mode}; {scale.workers} worker(s), {scale.data.concurrency} augmentation actor(s)")
-    metadata = train(cfg, scale, args.out, args.data_dir)
+    try:
+        metadata = train(cfg, scale, args.out, args.data_dir)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:  # bad data, checkpoint or artifact folder
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     keys = ("model", "training_seconds", "wall_seconds", "validation", "test_accuracy", "trained_with")
     print(json.dumps({k: metadata[k] for k in keys}, indent=2))
     print(f"artifact written to {args.out}")

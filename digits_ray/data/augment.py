@@ -10,6 +10,7 @@ clipped per image so the transformed ink bounding box stays at least ``margin`` 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,16 @@ class AugmentConfig:
                 "accepted: rotation_deg 0-180, shift [0, 0.5), zoom [0, 1), elastic_alpha 0-5, "
                 "elastic_grid 2-28, margin [0, 5)"
             )
+
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AugmentConfig:
+        """Options from a config file or the command line, with a clear error for unknown ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s) {unknown}; accepted: {sorted(known)}")
+        return cls(**values)
 
 
 # --- Counter-based random numbers -------------------------------------------------------------
