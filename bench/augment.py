@@ -5,8 +5,10 @@
 
 Throughput, all in this one run on the same images and augmentation settings:
   (a) a single-threaded per-image loop, (b) a Python thread pool over images (the "multi-threaded"
-  approach of the original projects), (c) the vectorized function in one process, (d) Ray Data with
-  1 and 2 augmentation actors on a local Ray (steady state, after the actors have started).
+  approach of the original projects), both with the numpy sampler, (c) the vectorized function in
+  one process on one thread, with the numpy sampler and with TensorFlow's compiled warp kernel (the
+  default), (d) Ray Data with 1 and 2 augmentation actors on a local Ray (steady state, after the
+  actors have started).
 End to end: training seconds and test accuracy of cnn_basic and cnn_deep with and without
 augmentation. Writes bench/results/augment_throughput.{json,md,png} and augment_training.{json,md}.
 """
@@ -24,9 +26,9 @@ from _common import RESULTS, ROOT, markdown_table, save
 
 from digits_ray import plots
 from digits_ray.config import TrainConfig
-from digits_ray.data.augment import AugmentConfig, augment
+from digits_ray.data.augment import KERNELS, AugmentConfig, augment, limit_kernel_threads
 from digits_ray.data.mnist import load_split
-from digits_ray.data.pipeline import EpochSampler, StreamConfig, training_stream
+from digits_ray.data.pipeline import StreamConfig, training_stream
 from digits_ray.ray_backend import init_ray, quiet_data_progress
 
 CFG = AugmentConfig()
@@ -44,18 +46,21 @@ def rate(fn, images: int, repeats: int) -> float:
 
 def per_image(images: np.ndarray) -> None:
     for i in range(len(images)):
-        augment(images[i : i + 1], np.array([i]), 0, 0, CFG)
+        augment(images[i : i + 1], np.array([i]), 0, 0, CFG, kernel="numpy")
 
 
 def thread_pool(images: np.ndarray, threads: int) -> None:
+    def one(i: int) -> np.ndarray:
+        return augment(images[i : i + 1], np.array([i]), 0, 0, CFG, kernel="numpy")
+
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda i: augment(images[i : i + 1], np.array([i]), 0, 0, CFG), range(len(images))))
+        list(pool.map(one, range(len(images))))
 
 
-def vectorized(images: np.ndarray, labels: np.ndarray, block_rows: int) -> None:
-    sampler = EpochSampler(images, labels, 0, CFG)
+def vectorized(images: np.ndarray, labels: np.ndarray, block_rows: int, kernel: str) -> None:
     for start in range(0, len(labels), block_rows):
-        sampler.rows(np.arange(start, min(start + block_rows, len(labels))))
+        index = np.arange(start, min(start + block_rows, len(labels)))
+        augment(images[index], index, 0, 0, CFG, kernel=kernel)
 
 
 def ray_data(images: np.ndarray, labels: np.ndarray, actors: int, epochs: int) -> tuple[float, float]:
@@ -73,14 +78,16 @@ def ray_data(images: np.ndarray, labels: np.ndarray, actors: int, epochs: int) -
 
 
 def throughput(images: np.ndarray, labels: np.ndarray, repeats: int) -> list[dict]:
+    limit_kernel_threads(1)  # (c) is one process on one core, like (a)
     small = images[:3000]
     threads = os.cpu_count() or 2
     rows = [
         {"method": "(a) per-image loop, 1 thread", "images_per_second": rate(lambda: per_image(small), 3000, repeats)},
         {"method": f"(b) thread pool, {threads} threads",
          "images_per_second": rate(lambda: thread_pool(small, threads), 3000, repeats)},
-        {"method": "(c) vectorized, 1 process",
-         "images_per_second": rate(lambda: vectorized(images, labels, 8192), len(labels), repeats)},
+        *({"method": f"(c) vectorized, {kernel} kernel, 1 thread",
+           "images_per_second": rate(lambda k=kernel: vectorized(images, labels, 8192, k), len(labels), repeats)}
+          for kernel in KERNELS),
     ]
     init_ray(num_cpus=2)
     quiet_data_progress()
@@ -129,7 +136,8 @@ def main() -> None:
     )
     print(table)
     (RESULTS / "augment_throughput.md").write_text(table + "\n")
-    plots.bar_chart([r["method"].split(")")[0] + ")" for r in rows], [r["images_per_second"] for r in rows],
+    labels = ["(a) loop", "(b) threads", *(f"(c) {k}" for k in KERNELS), "(d) 1 actor", "(d) 2 actors"]
+    plots.bar_chart(labels, [r["images_per_second"] for r in rows],
                     RESULTS / "augment_throughput.png", "Augmentation throughput on this machine",
                     "images/s (median)", value_format="{:,.0f}")
     print(f"saved {save('augment_throughput', {'augment_config': CFG.__dict__, 'rows': rows})}")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from digits_ray.data.augment import AugmentConfig, augment, uniform
+from digits_ray.data.augment import KERNELS, AugmentConfig, augment, uniform
 from digits_ray.data.mnist import load_split
 
 # (config, how far the median ink mass may move: extreme ranges must shrink most digits to fit)
@@ -38,12 +38,23 @@ def test_images_actually_change(digits):
     assert changed.mean() > 0.99
 
 
-def test_same_seed_and_epoch_same_images_whatever_the_batching(digits):
+@pytest.mark.parametrize("cfg", [AugmentConfig(), AugmentConfig(elastic_alpha=2.0)], ids=["tf", "numpy+elastic"])
+def test_same_seed_and_epoch_same_images_whatever_the_batching(digits, cfg):
     images, index = digits
-    cfg = AugmentConfig(elastic_alpha=2.0)
     whole = augment(images, index, 4, 7, cfg)
     pieces = np.concatenate([augment(images[i:i + 300], index[i:i + 300], 4, 7, cfg) for i in range(0, 2000, 300)])
     np.testing.assert_array_equal(whole, pieces)
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(), AugmentConfig(rotation_deg=40, shift=0.2, zoom=0.3)],
+                         ids=["default", "wide"])
+def test_tf_kernel_matches_the_numpy_sampler(digits, cfg):
+    """Same parameters, same pixel convention and rounding: at most float round-off apart."""
+    images, index = digits
+    fast = augment(images, index, 2, 5, cfg, kernel="tf").astype(int)
+    reference = augment(images, index, 2, 5, cfg, kernel="numpy").astype(int)
+    assert np.abs(fast - reference).max() <= 1
+    assert (fast != reference).mean() < 1e-3
 
 
 def test_other_epoch_or_seed_other_images(digits):
@@ -60,14 +71,21 @@ def test_counter_based_uniforms():
     assert abs(u.mean() - 0.5) < 0.01 and abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.02
 
 
-def test_identity_when_every_range_is_zero(digits):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_identity_when_every_range_is_zero(digits, kernel):
     images, index = digits
-    out = augment(images, index, 0, 0, AugmentConfig(rotation_deg=0, shift=0, zoom=0, margin=0))
+    out = augment(images, index, 0, 0, AugmentConfig(rotation_deg=0, shift=0, zoom=0, margin=0), kernel=kernel)
     np.testing.assert_array_equal(out, images)
 
 
 def test_bad_input_and_options():
     with pytest.raises(ValueError, match="uint8 images of shape"):
         augment(np.zeros((2, 28, 28), np.float32), np.arange(2), 0, 0, AugmentConfig())
+    with pytest.raises(ValueError, match="one index per image"):
+        augment(np.zeros((2, 28, 28), np.uint8), np.arange(3), 0, 0, AugmentConfig())
+    with pytest.raises(ValueError, match="kernel='opencv'"):
+        augment(np.zeros((2, 28, 28), np.uint8), np.arange(2), 0, 0, AugmentConfig(), kernel="opencv")
+    with pytest.raises(ValueError, match="'numpy' with elastic"):
+        augment(np.zeros((2, 28, 28), np.uint8), np.arange(2), 0, 0, AugmentConfig(elastic_alpha=1.0), kernel="tf")
     with pytest.raises(ValueError, match="shift=0.7"):
         AugmentConfig(shift=0.7)

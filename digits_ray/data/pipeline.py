@@ -11,13 +11,14 @@ that epoch's seeded shuffle, augmented with randomness keyed on (seed, epoch, im
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from digits_ray.data.augment import AugmentConfig, augment
+from digits_ray.data.augment import AugmentConfig, augment, limit_kernel_threads
 
 IMAGE_COLUMN, LABEL_COLUMN = "image", "label"
 
@@ -45,9 +46,13 @@ class EpochSampler:
     Used as a Ray Data callable class (one per actor) and directly by ``local_batches``.
     """
 
-    def __init__(self, images: Any, labels: Any, seed: int, augment_cfg: AugmentConfig | None):
+    def __init__(
+        self, images: Any, labels: Any, seed: int, augment_cfg: AugmentConfig | None, kernel_threads: int | None = None
+    ):
         import ray
 
+        if kernel_threads is not None and augment_cfg is not None:
+            limit_kernel_threads(kernel_threads)
         # Arrays arrive as object refs in Ray (read zero-copy from the object store) or as arrays.
         self.images = ray.get(images) if isinstance(images, ray.ObjectRef) else images
         self.labels = ray.get(labels) if isinstance(labels, ray.ObjectRef) else labels
@@ -107,7 +112,7 @@ def training_stream(
     )
     return ids.map_batches(
         EpochSampler,
-        fn_constructor_args=(ray.put(images), ray.put(labels), seed, augment_cfg),
+        fn_constructor_args=(ray.put(images), ray.put(labels), seed, augment_cfg, math.ceil(stream.cpus_per_actor)),
         batch_size=stream.block_rows,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=stream.concurrency),
