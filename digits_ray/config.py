@@ -56,6 +56,9 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: mixed_float16 on GPU, float32 on CPU
     model_params: dict[str, Any] = field(default_factory=dict)  # builder hyperparameters
     augment: dict[str, Any] | None = None  # None: no augmentation; {}: AugmentConfig defaults; or overrides
+    # Training steps per call into the compiled graph. Above 1, Python and, under Ray Train, the
+    # all-reduces that read the loss/accuracy metrics run once per call instead of every step.
+    steps_per_execution: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,6 +72,8 @@ class TrainConfig:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         if not 0 <= self.warmup_epochs < self.epochs:
             problems.append(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if self.steps_per_execution < 1:
+            problems.append(f"steps_per_execution must be >= 1, got {self.steps_per_execution}")
         if self.early_stopping_patience < 0:
             problems.append(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
         if not 0 < self.val_fraction < 1:

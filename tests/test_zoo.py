@@ -35,9 +35,14 @@ def test_cnn_deep_structure():
 
 def test_hyperparameter_overrides_and_errors():
     assert model_params("cnn_basic", {"filters": [16, 32]}).filters == (16, 32)
+    bn = [layer for layer in build_model("cnn_bn", {"bn_momentum": 0.9}).layers
+          if type(layer).__name__ == "BatchNormalization"]
+    assert len(bn) == 3 and all(layer.momentum == 0.9 for layer in bn)
+    with pytest.raises(ValueError, match=r"bn_momentum must be in \[0, 1\), got 1.5"):
+        model_params("cnn_bn", {"bn_momentum": 1.5})
     assert model_params("cnn_bn").batch_norm is True
     with pytest.raises(ValueError, match="unknown model 'resnet'.*dense, cnn_basic"):
         build_model("resnet")
-    accepted = r"accepted: \['conv_dropout', 'dense', 'dropout', 'l2', 'widths'\]"
+    accepted = r"accepted: \['bn_momentum', 'conv_dropout', 'dense', 'dropout', 'l2', 'widths'\]"
     with pytest.raises(ValueError, match=r"no hyperparameter\(s\) \['width'\]; " + accepted):
         model_params("cnn_deep", {"width": 3})

@@ -32,6 +32,7 @@ class CnnParams:
     dropout: float = 0.5  # after the dense layer
     batch_norm: bool = False  # BN after each convolution and the dense layer (before ReLU)
     pool_after_each: bool = False  # max-pool after every conv (about 4x fewer MACs) instead of once
+    bn_momentum: float = 0.99  # BN moving-average momentum; 0.9 tracks a short, high-LR run closely
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class CnnDeepParams:
     conv_dropout: float = 0.25  # after each block's max-pooling
     dropout: float = 0.5  # after the dense layer
     l2: float = 1e-4  # L2 weight decay on the dense layer's kernel
+    bn_momentum: float = 0.99
 
 
 def _inputs() -> tuple[Any, Any]:
@@ -55,10 +57,10 @@ def _head(x: Any) -> Any:
     return layers.Activation("softmax", dtype="float32", name="probabilities")(x)
 
 
-def _conv_bn_relu(x: Any, filters: int, batch_norm: bool, padding: str = "valid") -> Any:
+def _conv_bn_relu(x: Any, filters: int, batch_norm: bool, bn_momentum: float, padding: str = "valid") -> Any:
     x = layers.Conv2D(filters, 3, padding=padding, use_bias=not batch_norm)(x)
     if batch_norm:
-        x = layers.BatchNormalization()(x)
+        x = layers.BatchNormalization(momentum=bn_momentum)(x)
     return layers.ReLU()(x)
 
 
@@ -73,7 +75,7 @@ def build_dense(p: DenseParams) -> keras.Model:
 def build_cnn(p: CnnParams, name: str) -> keras.Model:
     raw, x = _inputs()
     for filters in p.filters:
-        x = _conv_bn_relu(x, filters, p.batch_norm)
+        x = _conv_bn_relu(x, filters, p.batch_norm, p.bn_momentum)
         if p.pool_after_each:
             x = layers.MaxPooling2D()(x)
     if not p.pool_after_each:
@@ -82,7 +84,7 @@ def build_cnn(p: CnnParams, name: str) -> keras.Model:
     x = layers.Flatten()(x)
     x = layers.Dense(p.dense, use_bias=not p.batch_norm)(x)
     if p.batch_norm:
-        x = layers.BatchNormalization()(x)
+        x = layers.BatchNormalization(momentum=p.bn_momentum)(x)
     x = layers.ReLU()(x)
     x = layers.Dropout(p.dropout)(x)
     return keras.Model(raw, _head(x), name=name)
@@ -91,8 +93,8 @@ def build_cnn(p: CnnParams, name: str) -> keras.Model:
 def build_cnn_deep(p: CnnDeepParams) -> keras.Model:
     raw, x = _inputs()
     for width in p.widths:
-        x = _conv_bn_relu(x, width, batch_norm=True, padding="same")
-        x = _conv_bn_relu(x, width, batch_norm=True, padding="same")
+        x = _conv_bn_relu(x, width, batch_norm=True, bn_momentum=p.bn_momentum, padding="same")
+        x = _conv_bn_relu(x, width, batch_norm=True, bn_momentum=p.bn_momentum, padding="same")
         x = layers.MaxPooling2D()(x)
         x = layers.Dropout(p.conv_dropout)(x)
     x = layers.Flatten()(x)
@@ -142,6 +144,9 @@ def model_params(name: str, overrides: dict[str, Any] | None = None) -> Any:
     for key, value in values.items():
         if isinstance(value, list):  # JSON and CLI give lists where the dataclass has tuples
             values[key] = tuple(value)
+    momentum = values.get("bn_momentum")
+    if momentum is not None and not 0 <= momentum < 1:
+        raise ValueError(f"bn_momentum must be in [0, 1), got {momentum}")
     return spec.params(**values)
 
 

@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from digits_ray.keras_api import keras, save_model, tf
     from digits_ray.models.zoo import build_model
     from digits_ray.train import recipe
-    from digits_ray.train.feed import tf_dataset
+    from digits_ray.train.feed import tf_dataset_from_chunks
 
     tf.get_logger().setLevel("WARNING")  # MultiWorkerMirroredStrategy logs every all-reduce at INFO
     tf.config.threading.set_intra_op_parallelism_threads(config["threads"])
@@ -119,22 +119,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
 
-    def batches():
-        """This worker's part of the stream, less the epochs a previous attempt already trained.
+    def chunks():
+        """This worker's part of the stream, less the batches of epochs a previous attempt trained.
 
-        Ray Data hands over chunks of ``FEED_CHUNK_BATCHES`` training batches, sliced here: one Ray
-        batch per training step costs more in formatting than a small model's step on a CPU.
+        Ray Data hands over ``FEED_CHUNK_BATCHES`` training batches at a time and tf.data cuts them
+        (``tf_dataset_from_chunks``): per-batch Python costs more than a small model's step on a CPU.
         """
-        chunk = cfg.batch_size * FEED_CHUNK_BATCHES
+        size = cfg.batch_size
         skip, seen = start_epoch * steps, 0
-        for rows in shard.iter_batches(batch_size=chunk, batch_format="numpy", prefetch_batches=2):
-            images, labels = rows[IMAGE_COLUMN], rows[LABEL_COLUMN]
-            for start in range(0, len(labels) - cfg.batch_size + 1, cfg.batch_size):
-                if seen >= skip:
-                    yield images[start : start + cfg.batch_size], labels[start : start + cfg.batch_size]
-                seen += 1
+        for rows in shard.iter_batches(batch_size=size * FEED_CHUNK_BATCHES, batch_format="numpy",
+                                       prefetch_batches=2):
+            whole = len(rows[LABEL_COLUMN]) // size  # only the stream's last chunk can be short
+            first = min(max(skip - seen, 0), whole)
+            seen += whole
+            if first < whole:
+                yield (rows[IMAGE_COLUMN][first * size : whole * size],
+                       rows[LABEL_COLUMN][first * size : whole * size])
 
-    inputs = strategy.distribute_datasets_from_function(lambda _: prepare_dataset_shard(tf_dataset(batches)))
+    inputs = strategy.distribute_datasets_from_function(
+        lambda _: prepare_dataset_shard(tf_dataset_from_chunks(chunks, cfg.batch_size))
+    )
 
     class Report(keras.callbacks.Callback):
         """Checkpoint and report every epoch; stop early consistently on every worker."""
@@ -158,7 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       if not isinstance(c, keras.callbacks.EarlyStopping)], Report()]
     if start_epoch < cfg.epochs and improved_recently(state["history"], cfg.early_stopping_patience):
         model.fit(inputs, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
-                  validation_data=(x_val, y_val), callbacks=callbacks, verbose=2 if rank == 0 else 0)
+                  validation_data=(x_val, y_val), validation_batch_size=recipe.VALIDATION_BATCH_SIZE,
+                  callbacks=callbacks, verbose=2 if rank == 0 else 0)
 
 
 # --- On the driver ----------------------------------------------------------------------------

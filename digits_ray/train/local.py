@@ -54,6 +54,7 @@ def fit(
             **inputs,
             epochs=cfg.epochs,
             validation_data=(data.x_val, data.y_val),
+            validation_batch_size=recipe.VALIDATION_BATCH_SIZE,
             callbacks=callbacks,
             verbose=verbose,
         )
