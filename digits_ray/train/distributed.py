@@ -120,21 +120,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def chunks():
-        """This worker's part of the stream, less the batches of epochs a previous attempt trained.
+        """This worker's batches for the epochs still to train, and not one more.
 
         Ray Data hands over ``FEED_CHUNK_BATCHES`` training batches at a time and tf.data cuts them
         (``tf_dataset_from_chunks``): per-batch Python costs more than a small model's step on a CPU.
+        The batches of epochs a previous attempt trained are skipped. Stopping exactly at the run's
+        last batch matters: a generator left waiting on the shard after ``fit`` ends would block the
+        worker's exit until the other workers' streams time out.
         """
         size = cfg.batch_size
-        skip, seen = start_epoch * steps, 0
+        skip, end, seen = start_epoch * steps, cfg.epochs * steps, 0
         for rows in shard.iter_batches(batch_size=size * FEED_CHUNK_BATCHES, batch_format="numpy",
                                        prefetch_batches=2):
             whole = len(rows[LABEL_COLUMN]) // size  # only the stream's last chunk can be short
-            first = min(max(skip - seen, 0), whole)
+            first, last = min(max(skip - seen, 0), whole), min(whole, end - seen)
             seen += whole
-            if first < whole:
-                yield (rows[IMAGE_COLUMN][first * size : whole * size],
-                       rows[LABEL_COLUMN][first * size : whole * size])
+            if first < last:
+                yield (rows[IMAGE_COLUMN][first * size : last * size],
+                       rows[LABEL_COLUMN][first * size : last * size])
+            if seen >= end:
+                return
 
     inputs = strategy.distribute_datasets_from_function(
         lambda _: prepare_dataset_shard(tf_dataset_from_chunks(chunks, cfg.batch_size))
