@@ -1,9 +1,11 @@
-"""Feeding Keras: chunks of whole batches are cut into batches inside tf.data, in order."""
+"""Feeding Keras: chunks cut into batches in order, an early-started stream, even validation shares."""
+
+import threading
 
 import numpy as np
 import pytest
 
-from digits_ray.train.feed import tf_dataset_from_chunks
+from digits_ray.train.feed import even_shards, started_early, tf_dataset_from_chunks
 
 
 def _chunks(sizes: list[int]):
@@ -28,3 +30,43 @@ def test_a_chunk_that_is_not_whole_batches_is_an_error():
     dataset = tf_dataset_from_chunks(lambda: _chunks([20]), batch_size=16)
     with pytest.raises(Exception, match="whole batches of 16; got 20 images"):
         list(dataset.as_numpy_iterator())
+
+
+def test_started_early_fetches_the_first_item_before_it_is_read():
+    fetched = threading.Event()
+
+    def items():
+        fetched.set()
+        yield from range(5)
+
+    stream = started_early(items())
+    assert fetched.wait(timeout=10)  # nobody has read yet
+    assert list(stream) == [0, 1, 2, 3, 4]
+    assert list(started_early(iter([]))) == []
+
+
+def test_started_early_raises_the_stream_error_to_the_reader():
+    def broken():
+        raise OSError("shard unavailable")
+        yield
+
+    stream = started_early(broken())
+    with pytest.raises(OSError, match="shard unavailable"):
+        next(stream)
+
+
+@pytest.mark.parametrize("n, workers, batch", [(6000, 2, 1024), (6001, 2, 1024), (1025, 2, 1024), (7, 3, 1024),
+                                               (100, 1, 32), (2053, 4, 64)])
+def test_even_shards_cover_everything_in_equal_step_counts(n, workers, batch):
+    shares, per_worker, steps = even_shards(n, workers, batch)
+    covered = np.concatenate([np.arange(n)[share] for share in shares])
+    np.testing.assert_array_equal(covered, np.arange(n))  # every item once, in order
+    for share in shares:
+        size = share.stop - share.start
+        assert -(-size // per_worker) == steps  # every worker runs exactly `steps` batches
+    assert per_worker <= max(1, batch // workers) or steps == 1
+
+
+def test_even_shards_need_an_item_per_worker():
+    with pytest.raises(ValueError, match="3 items cannot be shared among 4 workers"):
+        even_shards(3, 4, 64)

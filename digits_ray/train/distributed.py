@@ -72,13 +72,17 @@ def improved_recently(history: list[dict[str, float]], patience: int) -> bool:
 # --- Inside each worker ---------------------------------------------------------------------
 
 
+def _read_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
+
+
 def _load_checkpoint(checkpoint) -> tuple[Any, dict[str, Any]]:
     from digits_ray.keras_api import keras
 
     with checkpoint.as_directory() as folder:
         model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL, safe_mode=True)
-        state = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
-    return model, state
+    return model, _read_state(checkpoint)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -89,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from digits_ray.keras_api import keras, save_model, tf
     from digits_ray.models.zoo import build_model
     from digits_ray.train import recipe
-    from digits_ray.train.feed import tf_dataset_from_chunks
+    from digits_ray.train.feed import even_shards, started_early, tf_dataset_from_chunks
 
     tf.get_logger().setLevel("WARNING")  # MultiWorkerMirroredStrategy logs every all-reduce at INFO
     tf.config.threading.set_intra_op_parallelism_threads(config["threads"])
@@ -97,27 +101,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config["train"])
     context = ray.train.get_context()
     workers, rank = context.get_world_size(), context.get_world_rank()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    recipe.set_precision(cfg.mixed_precision)
-    keras.utils.set_random_seed(cfg.seed)
     steps = steps_per_epoch(config["n_train"], cfg.batch_size, workers)
-    x_val, y_val = ray.get(config["validation"])
 
     # Ray's latest checkpoint after a failure in this run; else the one this run was told to resume.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config["resume_from"]:
         checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
+    state = _read_state(checkpoint) if checkpoint else {"history": [], "attempt_starts": []}
+    start_epoch = len(state["history"])
+    if start_epoch >= cfg.epochs or not improved_recently(state["history"], cfg.early_stopping_patience):
+        return  # a resume of a run that had already finished or stopped early
+    # Start reading the shard now: its actors and first blocks get ready while TF sets up below.
+    rows = started_early(ray.train.get_dataset_shard("train").iter_batches(
+        batch_size=cfg.batch_size * FEED_CHUNK_BATCHES, batch_format="numpy", prefetch_batches=2))
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    recipe.set_precision(cfg.mixed_precision)
+    keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         if checkpoint:
             model, state = _load_checkpoint(checkpoint)  # weights, optimizer state, step count
         else:
-            model, state = build_model(cfg.model, cfg.model_params), {"history": [], "attempt_starts": []}
+            model = build_model(cfg.model, cfg.model_params)
             # Linear scaling: the global batch is `workers` times larger, so is the learning rate.
             recipe.compile_model(model, cfg, steps, lr_scale=workers)
-    start_epoch = len(state["history"])
     state["attempt_starts"].append(start_epoch)  # kept in every later checkpoint: shows each resume
-
-    shard = ray.train.get_dataset_shard("train")
 
     def chunks():
         """This worker's batches for the epochs still to train, and not one more.
@@ -130,20 +138,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         """
         size = cfg.batch_size
         skip, end, seen = start_epoch * steps, cfg.epochs * steps, 0
-        for rows in shard.iter_batches(batch_size=size * FEED_CHUNK_BATCHES, batch_format="numpy",
-                                       prefetch_batches=2):
-            whole = len(rows[LABEL_COLUMN]) // size  # only the stream's last chunk can be short
+        for chunk in rows:
+            whole = len(chunk[LABEL_COLUMN]) // size  # only the stream's last chunk can be short
             first, last = min(max(skip - seen, 0), whole), min(whole, end - seen)
             seen += whole
             if first < last:
-                yield (rows[IMAGE_COLUMN][first * size : last * size],
-                       rows[LABEL_COLUMN][first * size : last * size])
+                yield (chunk[IMAGE_COLUMN][first * size : last * size],
+                       chunk[LABEL_COLUMN][first * size : last * size])
             if seen >= end:
                 return
 
     inputs = strategy.distribute_datasets_from_function(
         lambda _: prepare_dataset_shard(tf_dataset_from_chunks(chunks, cfg.batch_size))
     )
+    # Each worker validates its own share (every worker the same number of steps), and Keras
+    # all-reduces the metrics: the full set is evaluated once per epoch, not once per worker.
+    x_val, y_val = ray.get(config["validation"])
+    shares, val_batch, val_steps = even_shards(len(y_val), workers, recipe.VALIDATION_BATCH_SIZE)
+    own = shares[rank]
+    validation = strategy.distribute_datasets_from_function(lambda _: prepare_dataset_shard(
+        tf.data.Dataset.from_tensor_slices((x_val[own], y_val[own])).batch(val_batch)))
 
     class Report(keras.callbacks.Callback):
         """Checkpoint and report every epoch; stop early consistently on every worker."""
@@ -165,10 +179,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     callbacks = [recipe.EpochLog(), *[c for c in recipe.schedule_callbacks(cfg)
                                       if not isinstance(c, keras.callbacks.EarlyStopping)], Report()]
-    if start_epoch < cfg.epochs and improved_recently(state["history"], cfg.early_stopping_patience):
-        model.fit(inputs, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
-                  validation_data=(x_val, y_val), validation_batch_size=recipe.VALIDATION_BATCH_SIZE,
-                  callbacks=callbacks, verbose=2 if rank == 0 else 0)
+    model.fit(inputs, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
+              validation_data=validation, validation_steps=val_steps,
+              callbacks=callbacks, verbose=2 if rank == 0 else 0)
 
 
 # --- On the driver ----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 
@@ -10,6 +12,7 @@ from digits_ray.data.mnist import IMAGE_SIZE
 from digits_ray.keras_api import tf
 
 Batches = Iterable[tuple[np.ndarray, np.ndarray]]
+T = TypeVar("T")
 
 SIGNATURE = (
     tf.TensorSpec(shape=(None, IMAGE_SIZE, IMAGE_SIZE), dtype=tf.uint8),
@@ -50,3 +53,54 @@ def tf_dataset_from_chunks(make_chunks: Callable[[], Batches], batch_size: int, 
 
     chunks = tf.data.Dataset.from_generator(generate, output_signature=chunk_signature)
     return chunks.flat_map(lambda x, y: tf.data.Dataset.from_tensor_slices((x, y))).prefetch(prefetch)
+
+
+def started_early(items: Iterable[T]) -> Iterator[T]:
+    """``items``, whose first element is fetched now, in a background thread.
+
+    A Ray Data stream starts its actors and first blocks only when it is first read; reading it
+    while the strategy and model are built takes those seconds out of the first epoch. Errors
+    are raised to the consumer, where they would have happened anyway.
+    """
+    iterator = iter(items)
+    first: list[T] = []
+    failure: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            first.append(next(iterator))
+        except StopIteration:
+            pass
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consuming thread
+            failure.append(error)
+
+    thread = threading.Thread(target=fetch, name="first-batch", daemon=True)
+    thread.start()
+
+    def rest() -> Iterator[T]:
+        thread.join()
+        if failure:
+            raise failure[0]
+        if first:
+            yield first[0]
+            yield from iterator
+
+    return rest()
+
+
+def even_shards(n: int, workers: int, batch_size: int) -> tuple[list[slice], int, int]:
+    """Contiguous shares of ``n`` items, a per-worker batch and a step count that every share fits.
+
+    MultiWorkerMirroredStrategy needs every worker to run the same number of evaluation steps, so
+    the batch is chosen to give every share that many batches, the last ones partial; nothing is
+    left out. ``batch_size`` is the global batch: each worker takes its part of it.
+    """
+    if n < workers:
+        raise ValueError(f"{n} items cannot be shared among {workers} workers")
+    sizes = [n // workers + (rank < n % workers) for rank in range(workers)]
+    starts = np.cumsum([0, *sizes])
+    steps = -(-sizes[0] // max(1, batch_size // workers))
+    per_worker = -(-sizes[0] // steps)
+    if sizes[-1] <= (steps - 1) * per_worker:  # only possible for tiny shares; never silently short
+        steps, per_worker = 1, sizes[0]
+    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])], per_worker, steps
