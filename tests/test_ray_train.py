@@ -51,6 +51,20 @@ def test_two_workers_train_and_write_the_artifact(two_worker_run):
         assert (checkpoint / distributed.CHECKPOINT_MODEL).read_bytes()[:2] == b"PK"
 
 
+def test_validation_covers_the_whole_split_once(two_worker_run, small_mnist):
+    """The workers' validation shares add up to exactly the split: the reported accuracy is the model's."""
+    import numpy as np
+    from ray.train import Checkpoint
+
+    from digits_ray.data.split import load_train_val
+
+    _, out, run_dir = two_worker_run
+    data = load_train_val(CFG.val_fraction, CFG.seed, small_mnist)
+    model, state = distributed._load_checkpoint(Checkpoint.from_directory(str(run_dir / "epoch_0003")))
+    predicted = model.predict(data.x_val, batch_size=512, verbose=0).argmax(axis=1)
+    assert state["history"][-1]["val_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_val)), abs=1e-6)
+
+
 def test_resume_continues_at_the_next_epoch(two_worker_run, ray_local, small_mnist, tmp_path):
     _, out, run_dir = two_worker_run
     first = artifact.read_history(out)
@@ -64,6 +78,18 @@ def test_resume_continues_at_the_next_epoch(two_worker_run, ray_local, small_mni
     assert sorted(p.name for p in (ray_local / "resumed").glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
     assert meta["trained_with"]["attempt_start_epochs"] == [0, 1]
     assert meta["test_accuracy"] > 0.85
+
+
+def test_early_stopping_ends_every_worker_at_the_same_epoch(ray_local, small_mnist, tmp_path):
+    """An LR of 1e-9 leaves val_accuracy flat, so patience 1 stops after epoch 2 of 6, on both workers.
+
+    The workers' input generators stop mid-stream here; the run must still end and write its artifact.
+    """
+    cfg = TrainConfig(**{**CFG.to_dict(), "epochs": 6, "learning_rate": 1e-9, "schedule": "constant",
+                         "early_stopping_patience": 1, "augment": None})
+    distributed.train(cfg, scale(ray_local, "stopped_early"), tmp_path / "model", small_mnist)
+    assert list(artifact.read_history(tmp_path / "model")["epoch"]) == [1, 2]
+    assert sorted(p.name for p in (ray_local / "stopped_early").glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
 
 
 def train_worker_pids() -> set[int]:
