@@ -73,16 +73,21 @@ def improved_recently(history: list[dict[str, float]], patience: int) -> bool:
 
 
 def _read_state(checkpoint) -> dict[str, Any]:
+    """History and attempt starts: small, read before TensorFlow sets up (the model comes later)."""
     with checkpoint.as_directory() as folder:
         return json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
 
 
-def _load_checkpoint(checkpoint) -> tuple[Any, dict[str, Any]]:
+def _load_model(checkpoint) -> Any:
+    """The model with its optimizer state and step count (inside a strategy scope when training)."""
     from digits_ray.keras_api import keras
 
     with checkpoint.as_directory() as folder:
-        model = keras.models.load_model(Path(folder) / CHECKPOINT_MODEL, safe_mode=True)
-    return model, _read_state(checkpoint)
+        return keras.models.load_model(Path(folder) / CHECKPOINT_MODEL, safe_mode=True)
+
+
+def _load_checkpoint(checkpoint) -> tuple[Any, dict[str, Any]]:
+    return _load_model(checkpoint), _read_state(checkpoint)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -120,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         if checkpoint:
-            model, state = _load_checkpoint(checkpoint)  # weights, optimizer state, step count
+            model = _load_model(checkpoint)
         else:
             model = build_model(cfg.model, cfg.model_params)
             # Linear scaling: the global batch is `workers` times larger, so is the learning rate.
