@@ -26,6 +26,7 @@ from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import load_split
 from digits_ray.evaluate import test_metrics
 from digits_ray.keras_api import keras
+from digits_ray.models.zoo import model_params
 from digits_ray.ray_backend import init_ray, quiet_data_progress
 from digits_ray.train import distributed
 from digits_ray.train.local import fit
@@ -119,6 +120,7 @@ def main() -> None:
                          "learning_rate": args.learning_rate,
                          "model_params": {**RECIPE["model_params"], **dict(args.param)}},
                       epochs=args.epochs, mixed_precision=args.mixed_precision)
+    model_params(cfg.model, cfg.model_params)  # a bad --param fails here, before any training
     rows = [single_process(cfg, args.data_dir)]
     print(rows[-1], flush=True)
     if args.workers:

@@ -72,22 +72,31 @@ def improved_recently(history: list[dict[str, float]], patience: int) -> bool:
 # --- Inside each worker ---------------------------------------------------------------------
 
 
+def _state_in(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
+
+
+def _model_in(folder: str | Path) -> Any:
+    from digits_ray.keras_api import keras
+
+    return keras.models.load_model(Path(folder) / CHECKPOINT_MODEL, safe_mode=True)
+
+
 def _read_state(checkpoint) -> dict[str, Any]:
     """History and attempt starts: small, read before TensorFlow sets up (the model comes later)."""
     with checkpoint.as_directory() as folder:
-        return json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
+        return _state_in(folder)
 
 
 def _load_model(checkpoint) -> Any:
     """The model with its optimizer state and step count (inside a strategy scope when training)."""
-    from digits_ray.keras_api import keras
-
     with checkpoint.as_directory() as folder:
-        return keras.models.load_model(Path(folder) / CHECKPOINT_MODEL, safe_mode=True)
+        return _model_in(folder)
 
 
 def _load_checkpoint(checkpoint) -> tuple[Any, dict[str, Any]]:
-    return _load_model(checkpoint), _read_state(checkpoint)
+    with checkpoint.as_directory() as folder:  # one download when the storage is remote
+        return _model_in(folder), _state_in(folder)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -248,8 +257,8 @@ def train(cfg: TrainConfig, scale: ScaleConfig, out_dir: Path | str, data_dir: P
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     best, _ = best_checkpoint(result)
-    model, _ = _load_checkpoint(best)
-    _, latest_state = _load_checkpoint(result.checkpoint)
+    model = _load_model(best)
+    latest_state = _read_state(result.checkpoint)  # the history of every epoch, up to the last
     history = pd.DataFrame(latest_state["history"])
     extra = {
         "trained_with": {"runner": "ray_train", "workers": scale.workers, "use_gpu": scale.use_gpu,
