@@ -5,9 +5,11 @@
 
 For each: images/s (median over epochs after the first, which traces the graph), training seconds
 until the test accuracy first reaches 99.0% (the test set is evaluated after every epoch for this
-report only; nothing is selected on it), final test accuracy, and Ray's overhead (wall time of the
-whole run against the time spent in epochs). Per-worker batch = global batch / workers, and the
-configured LR is divided by the workers so that the linearly scaled LR equals single-process's.
+report only; nothing is selected on it), the wall seconds from the start of the run (``fit`` or
+``trainer.fit``, so Ray's start-up included) to the end of that epoch, final test accuracy, and
+Ray's overhead (wall time of the whole run against the time spent in epochs). Per-worker batch =
+global batch / workers, and the configured LR is divided by the workers so that the linearly
+scaled LR equals single-process's.
 Writes bench/results/train_scaling.{json,md,png}.
 """
 
@@ -43,7 +45,8 @@ RECIPE = {"model": "cnn_bn", "batch_size": 512, "learning_rate": 1.2e-2, "warmup
 
 
 def summarize(name: str, history: list[dict], test_acc: list[float], images_per_epoch: int,
-              wall_seconds: float) -> dict:
+              started_at: float, wall_seconds: float) -> dict:
+    """``started_at``: unix time the run was started (``fit`` or ``trainer.fit``)."""
     seconds = np.cumsum([h["seconds"] for h in history])
     reached = next((i for i, acc in enumerate(test_acc) if acc >= TARGET), None)
     steady = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
@@ -53,6 +56,7 @@ def summarize(name: str, history: list[dict], test_acc: list[float], images_per_
         "images_per_second": images_per_epoch / statistics.median(steady),
         "seconds_to_target": float(seconds[reached]) if reached is not None else None,
         "epoch_reaching_target": reached + 1 if reached is not None else None,
+        "wall_seconds_to_target": history[reached]["ended_at"] - started_at if reached is not None else None,
         "final_test_accuracy": test_acc[-1],
         "test_accuracy_per_epoch": test_acc,
         "training_seconds": float(seconds[-1]),
@@ -72,10 +76,10 @@ def single_process(cfg: TrainConfig, data_dir) -> dict:
         def on_epoch_end(self, epoch, logs=None):
             test_acc.append(test_metrics(self.model, test)["accuracy"])
 
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     _, history, _ = fit(cfg, data, verbose=2, extra_callbacks=[TestEachEpoch()])
     wall = time.perf_counter() - start
-    return summarize("keras, 1 process", history.to_dict("records"), test_acc, len(data.y_train), wall)
+    return summarize("keras, 1 process", history.to_dict("records"), test_acc, len(data.y_train), started_at, wall)
 
 
 def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data_dir, storage: str) -> dict:
@@ -86,7 +90,7 @@ def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data_dir, storage: 
                                     data=distributed.StreamConfig(concurrency=1, cpus_per_actor=0.5),
                                     storage_path=storage, name=name, keep_checkpoints=cfg.epochs, max_failures=0)
     trainer, sizes, _ = distributed.build_trainer(per_worker, scale, data_dir)
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - start
     test = load_split("test", data_dir)
@@ -97,7 +101,7 @@ def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data_dir, storage: 
     history = state["history"]
     steps = distributed.steps_per_epoch(sizes["train"], per_worker.batch_size, workers)
     label = f"Ray Train, {workers} worker{'s' if workers > 1 else ''}" + (" (GPU)" if use_gpu else "")
-    return summarize(label, history, test_acc, steps * per_worker.batch_size * workers, wall)
+    return summarize(label, history, test_acc, steps * per_worker.batch_size * workers, started_at, wall)
 
 
 def main() -> None:
@@ -137,9 +141,11 @@ def main() -> None:
         [{**r, "ips": f"{r['images_per_second']:,.0f}", "rel": f"{r['throughput_vs_single']:.0%}",
           "tt": f"{r['seconds_to_target']:.1f} (epoch {r['epoch_reaching_target']})"
           if r["seconds_to_target"] is not None else "not reached",
+          "wtt": f"{r['wall_seconds_to_target']:.0f}" if r["wall_seconds_to_target"] is not None else "-",
           "acc": f"{r['final_test_accuracy']:.2%}", "wall": f"{r['wall_seconds']:.0f}",
           "over": f"{r['overhead_seconds']:.0f}"} for r in rows],
         [("runner", "runner"), ("ips", "images/s"), ("rel", "vs 1 process"), ("tt", "training s to 99.0%"),
+         ("wtt", "wall s to 99.0%"),
          ("acc", "final test accuracy"), ("wall", "wall s"), ("over", "overhead s (wall - epochs)")],
     )
     print(table)

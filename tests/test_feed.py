@@ -1,11 +1,15 @@
-"""Feeding Keras: chunks cut into batches in order, an early-started stream, even validation shares."""
+"""Feeding Keras: chunks cut into batches in order, an early-started stream, even validation shares,
+input iterators freed off the training thread."""
 
 import threading
+import time
+import weakref
 
 import numpy as np
 import pytest
 
-from digits_ray.train.feed import even_shards, started_early, tf_dataset_from_chunks
+from digits_ray.keras_api import tf
+from digits_ray.train.feed import FreedInBackground, StartedEarly, even_shards, tf_dataset_from_chunks
 
 
 def _chunks(sizes: list[int]):
@@ -39,10 +43,11 @@ def test_started_early_fetches_the_first_item_before_it_is_read():
         fetched.set()
         yield from range(5)
 
-    stream = started_early(items())
+    stream = StartedEarly(items())
     assert fetched.wait(timeout=10)  # nobody has read yet
+    stream.wait()
     assert list(stream) == [0, 1, 2, 3, 4]
-    assert list(started_early(iter([]))) == []
+    assert list(StartedEarly(iter([]))) == []
 
 
 def test_started_early_raises_the_stream_error_to_the_reader():
@@ -50,9 +55,10 @@ def test_started_early_raises_the_stream_error_to_the_reader():
         raise OSError("shard unavailable")
         yield
 
-    stream = started_early(broken())
+    stream = StartedEarly(broken())
+    stream.wait()  # waiting does not raise: reading does
     with pytest.raises(OSError, match="shard unavailable"):
-        next(stream)
+        next(iter(stream))
 
 
 @pytest.mark.parametrize("n, workers, batch", [(6000, 2, 1024), (6001, 2, 1024), (1025, 2, 1024), (7, 3, 1024),
@@ -70,3 +76,35 @@ def test_even_shards_cover_everything_in_equal_step_counts(n, workers, batch):
 def test_even_shards_need_an_item_per_worker():
     with pytest.raises(ValueError, match="3 items cannot be shared among 4 workers"):
         even_shards(3, 4, 64)
+
+
+def _freed_by(iterator) -> list[str]:
+    """The name of the thread that frees ``iterator``, once it is freed."""
+    names: list[str] = []
+    weakref.finalize(iterator, lambda: names.append(threading.current_thread().name))
+    return names
+
+
+def _wait_for(names: list[str]) -> list[str]:
+    deadline = time.monotonic() + 60
+    while not names and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return names
+
+
+def test_input_iterators_are_freed_off_the_training_thread():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    data = FreedInBackground(strategy.distribute_datasets_from_function(lambda _: tf.data.Dataset.range(6).batch(2)))
+    assert isinstance(data, tf.distribute.DistributedDataset)  # what Keras fit accepts as distributed input
+    first = iter(data)
+    assert next(first).numpy().tolist() == [0, 1]
+    first_freed = _freed_by(first)
+    del first
+    assert first_freed == []  # still held: Keras has let go, this thread does not free it
+    second = iter(data)  # Keras' next epoch: the first iterator is freed, in the background
+    assert _wait_for(first_freed) == ["free-input-iterators"]
+    assert [b.numpy().tolist() for b in second] == [[0, 1], [2, 3], [4, 5]]
+    second_freed = _freed_by(second)
+    del second
+    data.release()  # once fit has returned
+    assert _wait_for(second_freed) == ["free-input-iterators"]

@@ -36,8 +36,9 @@ def test_artifact_is_complete(trained):
     assert 0.85 < meta["test_accuracy"] <= 1.0  # 3 epochs on 4,500 images learn real digits
     history = artifact.read_history(trained)
     assert list(history["epoch"]) == [1, 2, 3]
-    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"} <= set(history.columns)
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "ended_at"} <= set(history.columns)
     assert history["lr"].is_monotonic_decreasing  # cosine schedule
+    assert (history["ended_at"].diff().dropna() >= history["seconds"].iloc[1:] * 0.99).all()  # epochs end in order
 
 
 def test_artifact_holds_the_best_validation_epoch(trained, small_mnist):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -55,37 +55,41 @@ def tf_dataset_from_chunks(make_chunks: Callable[[], Batches], batch_size: int, 
     return chunks.flat_map(lambda x, y: tf.data.Dataset.from_tensor_slices((x, y))).prefetch(prefetch)
 
 
-def started_early(items: Iterable[T]) -> Iterator[T]:
+class StartedEarly(Generic[T]):
     """``items``, whose first element is fetched now, in a background thread.
 
     A Ray Data stream starts its actors and first blocks only when it is first read; reading it
-    while the strategy and model are built takes those seconds out of the first epoch. Errors
-    are raised to the consumer, where they would have happened anyway.
+    while the strategy and model are built takes those seconds out of the critical path, and
+    ``wait()`` lets training start its clock once data is there. Errors are raised to the
+    consumer, where they would have happened anyway.
     """
-    iterator = iter(items)
-    first: list[T] = []
-    failure: list[BaseException] = []
 
-    def fetch() -> None:
+    def __init__(self, items: Iterable[T]):
+        self._iterator = iter(items)
+        self._first: list[T] = []
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
         try:
-            first.append(next(iterator))
+            self._first.append(next(self._iterator))
         except StopIteration:
             pass
         except BaseException as error:  # noqa: BLE001 - re-raised in the consuming thread
-            failure.append(error)
+            self._failure.append(error)
 
-    thread = threading.Thread(target=fetch, name="first-batch", daemon=True)
-    thread.start()
+    def wait(self) -> None:
+        """Block until the first element (or the stream's end or error) is there."""
+        self._thread.join()
 
-    def rest() -> Iterator[T]:
-        thread.join()
-        if failure:
-            raise failure[0]
-        if first:
-            yield first[0]
-            yield from iterator
-
-    return rest()
+    def __iter__(self) -> Iterator[T]:
+        self.wait()
+        if self._failure:
+            raise self._failure[0]
+        if self._first:
+            yield self._first.pop()
+            yield from self._iterator
 
 
 def even_shards(n: int, workers: int, batch_size: int) -> tuple[list[slice], int, int]:
@@ -104,3 +108,37 @@ def even_shards(n: int, workers: int, batch_size: int) -> tuple[list[slice], int
     if sizes[-1] <= (steps - 1) * per_worker:  # only possible for tiny shares; never silently short
         steps, per_worker = 1, sizes[0]
     return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])], per_worker, steps
+
+
+class FreedInBackground(tf.distribute.DistributedDataset):
+    """A distributed dataset whose iterators are freed in a background thread, not in ``fit``.
+
+    Freeing a MultiWorkerMirroredStrategy input iterator waits for the tf.data autotuning threads
+    of its per-device datasets (which TensorFlow builds, so their options cannot be set), and those
+    notice it only at their next wake-up: 10-30 s into a run. Keras frees the training iterator
+    when ``fit`` returns, so a worker finished that much later. Keras only ever uses the newest
+    iterator: each older one, and all of them on ``release()``, go to a daemon thread to be freed.
+    """
+
+    def __init__(self, dataset: tf.distribute.DistributedDataset):
+        self._dataset = dataset
+        self._iterators: list = []
+
+    def __iter__(self):
+        self.release()
+        iterator = iter(self._dataset)
+        self._iterators.append(iterator)
+        return iterator
+
+    def release(self) -> None:
+        """Free the iterators made so far, off this thread (call it once ``fit`` has returned)."""
+        if self._iterators:
+            held, self._iterators = self._iterators, []
+            threading.Thread(target=held.clear, name="free-input-iterators", daemon=True).start()
+
+    @property
+    def element_spec(self):
+        return self._dataset.element_spec
+
+    def reduce(self, initial_state, reduce_func):
+        return self._dataset.reduce(initial_state, reduce_func)

@@ -67,7 +67,11 @@ def current_lr(model: keras.Model) -> float:
 
 
 class EpochLog(keras.callbacks.Callback):
-    """Adds the learning rate and the epoch's wall-clock seconds to each epoch's logs."""
+    """Adds the learning rate, the epoch's seconds and its end (unix time) to each epoch's logs.
+
+    ``ended_at`` lines epochs up with a run's wall clock, start-up included (the scaling bench's
+    wall seconds to a target accuracy).
+    """
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._start = time.perf_counter()
@@ -76,6 +80,7 @@ class EpochLog(keras.callbacks.Callback):
         if logs is not None:
             logs["lr"] = current_lr(self.model)
             logs["seconds"] = time.perf_counter() - self._start
+            logs["ended_at"] = time.time()
 
 
 def schedule_callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
