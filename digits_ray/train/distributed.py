@@ -162,16 +162,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if seen >= end:
                 return
 
-    inputs = FreedInBackground(strategy.distribute_datasets_from_function(
-        lambda _: prepare_dataset_shard(tf_dataset_from_chunks(chunks, cfg.batch_size))
-    ))
+    def per_worker(make_dataset) -> FreedInBackground:
+        """This worker's tf.data pipeline as the strategy's input; its iterators freed off this thread."""
+        return FreedInBackground(strategy.distribute_datasets_from_function(
+            lambda _: prepare_dataset_shard(make_dataset())))
+
+    inputs = per_worker(lambda: tf_dataset_from_chunks(chunks, cfg.batch_size))
     # Each worker validates its own share (every worker the same number of steps), and Keras
     # all-reduces the metrics: the full set is evaluated once per epoch, not once per worker.
     x_val, y_val = ray.get(config["validation"])
     shares, val_batch, val_steps = even_shards(len(y_val), workers, recipe.VALIDATION_BATCH_SIZE)
     own = shares[rank]
-    validation = FreedInBackground(strategy.distribute_datasets_from_function(lambda _: prepare_dataset_shard(
-        tf.data.Dataset.from_tensor_slices((x_val[own], y_val[own])).batch(val_batch))))
+    validation = per_worker(lambda: tf.data.Dataset.from_tensor_slices((x_val[own], y_val[own])).batch(val_batch))
 
     class Report(keras.callbacks.Callback):
         """Checkpoint and report every epoch; stop early consistently on every worker."""
