@@ -96,7 +96,7 @@ def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data_dir, storage: 
     test = load_split("test", data_dir)
     test_acc = []
     for checkpoint, _ in sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"]):
-        model, state = distributed._load_checkpoint(checkpoint)
+        model, state = distributed.load_checkpoint(checkpoint)
         test_acc.append(test_metrics(model, test)["accuracy"])
     history = state["history"]
     steps = distributed.steps_per_epoch(sizes["train"], per_worker.batch_size, workers)

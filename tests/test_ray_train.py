@@ -60,7 +60,7 @@ def test_validation_covers_the_whole_split_once(two_worker_run, small_mnist):
 
     _, out, run_dir = two_worker_run
     data = load_train_val(CFG.val_fraction, CFG.seed, small_mnist)
-    model, state = distributed._load_checkpoint(Checkpoint.from_directory(str(run_dir / "epoch_0003")))
+    model, state = distributed.load_checkpoint(Checkpoint.from_directory(str(run_dir / "epoch_0003")))
     predicted = model.predict(data.x_val, batch_size=512, verbose=0).argmax(axis=1)
     assert state["history"][-1]["val_accuracy"] == pytest.approx(float(np.mean(predicted == data.y_val)), abs=1e-6)
 

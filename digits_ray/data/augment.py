@@ -51,6 +51,10 @@ class AugmentConfig:
                 "elastic_grid 2-28, margin [0, 5)"
             )
 
+    @property
+    def kernel(self) -> str:
+        """The warp kernel ``augment`` uses: TensorFlow's, unless elastic distortion needs numpy's."""
+        return "numpy" if self.elastic_alpha > 0 else "tf"
 
     @classmethod
     def from_dict(cls, values: dict) -> AugmentConfig:
@@ -141,7 +145,7 @@ def augment(
     if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
     elastic = cfg.elastic_alpha > 0
-    kernel = kernel or ("numpy" if elastic else "tf")
+    kernel = kernel or cfg.kernel
     if kernel not in KERNELS or (kernel == "tf" and elastic):
         raise ValueError(
             f"kernel={kernel!r} is not accepted here; accepted: {KERNELS} (only 'numpy' with elastic_alpha > 0)"

@@ -51,8 +51,8 @@ class EpochSampler:
     ):
         import ray
 
-        if kernel_threads is not None and augment_cfg is not None and augment_cfg.elastic_alpha == 0:
-            limit_kernel_threads(kernel_threads)  # only the TF kernel needs it; elastic stays in numpy
+        if kernel_threads is not None and augment_cfg is not None and augment_cfg.kernel == "tf":
+            limit_kernel_threads(kernel_threads)  # only the TF kernel has threads (and imports TF)
         # Arrays arrive as object refs in Ray (read zero-copy from the object store) or as arrays.
         self.images = ray.get(images) if isinstance(images, ray.ObjectRef) else images
         self.labels = ray.get(labels) if isinstance(labels, ray.ObjectRef) else labels

@@ -94,7 +94,8 @@ def _load_model(checkpoint) -> Any:
         return _model_in(folder)
 
 
-def _load_checkpoint(checkpoint) -> tuple[Any, dict[str, Any]]:
+def load_checkpoint(checkpoint) -> tuple[Any, dict[str, Any]]:
+    """A reported checkpoint's model and state (history, attempt starts), for reading a run back."""
     with checkpoint.as_directory() as folder:  # one download when the storage is remote
         return _model_in(folder), _state_in(folder)
 
