@@ -103,14 +103,16 @@ def throughput(images: np.ndarray, labels: np.ndarray, repeats: int) -> list[dic
 
 
 def end_to_end(epochs: dict[str, int], data_dir) -> list[dict]:
-    from digits_ray.train.local import train
+    from digits_ray.data.split import load_train_val
+    from digits_ray.evaluate import keep
+    from digits_ray.train.local import fit
 
     rows = []
     for model, n_epochs in epochs.items():
         for augmented in (False, True):
             cfg = TrainConfig(model=model, epochs=n_epochs, batch_size=128, augment={} if augmented else None)
             out = ROOT / "artifacts" / "bench" / "augment" / f"{model}_{'aug' if augmented else 'plain'}"
-            meta = train(cfg, out, data_dir, verbose=2)
+            meta = keep(fit(cfg, load_train_val(cfg.val_fraction, cfg.seed, data_dir)), out, data_dir)
             rows.append({"model": model, "augmented": augmented, "epochs": n_epochs,
                          "training_seconds": meta["training_seconds"],
                          "images_per_second": meta["train_images_per_second"],

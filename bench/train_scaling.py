@@ -7,9 +7,9 @@ For each: images/s (median over epochs after the first, which traces the graph),
 until the test accuracy first reaches 99.0% (the test set is evaluated after every epoch for this
 report only; nothing is selected on it), the wall seconds from the start of the run (``fit`` or
 ``trainer.fit``, so Ray's start-up included) to the end of that epoch, final test accuracy, and
-Ray's overhead (wall time of the whole run against the time spent in epochs). Per-worker batch =
-global batch / workers, and the configured LR is divided by the workers so that the linearly
-scaled LR equals single-process's.
+Ray's overhead (wall time of the whole run against the time spent in epochs). ``--batch-size`` and
+``--learning-rate`` are the global batch and its peak LR for every runner (Ray Train workers each take
+their part of the batch).
 Writes bench/results/train_scaling.{json,md,png}.
 """
 
@@ -22,10 +22,12 @@ import time
 import numpy as np
 from _common import RESULTS, ROOT, markdown_table, save
 
+from digits_ray import checkpoint as ckpt
 from digits_ray import plots
 from digits_ray.cli import parse_param
 from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import load_split
+from digits_ray.data.split import TrainValData, load_train_val
 from digits_ray.evaluate import test_metrics
 from digits_ray.keras_api import keras
 from digits_ray.models.zoo import model_params
@@ -65,10 +67,7 @@ def summarize(name: str, history: list[dict], test_acc: list[float], images_per_
     }
 
 
-def single_process(cfg: TrainConfig, data_dir) -> dict:
-    from digits_ray.data.split import load_train_val
-
-    data = load_train_val(cfg.val_fraction, cfg.seed, data_dir)
+def single_process(cfg: TrainConfig, data: TrainValData, data_dir) -> dict:
     test = load_split("test", data_dir)
     test_acc: list[float] = []
 
@@ -77,31 +76,28 @@ def single_process(cfg: TrainConfig, data_dir) -> dict:
             test_acc.append(test_metrics(self.model, test)["accuracy"])
 
     started_at, start = time.time(), time.perf_counter()
-    _, history, _ = fit(cfg, data, verbose=2, extra_callbacks=[TestEachEpoch()])
+    history = fit(cfg, data, verbose=2, extra_callbacks=[TestEachEpoch()]).history
     wall = time.perf_counter() - start
     return summarize("keras, 1 process", history.to_dict("records"), test_acc, len(data.y_train), started_at, wall)
 
 
-def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data_dir, storage: str) -> dict:
-    per_worker = TrainConfig(**{**cfg.to_dict(), "batch_size": cfg.batch_size // workers,
-                                "learning_rate": cfg.learning_rate / workers})
+def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data: TrainValData, data_dir, storage: str) -> dict:
     name = f"scaling_{workers}w_{int(time.time())}"
     scale = distributed.ScaleConfig(workers=workers, use_gpu=use_gpu, cpus_per_worker=1.5 / workers,
                                     data=distributed.StreamConfig(concurrency=1, cpus_per_actor=0.5),
                                     storage_path=storage, name=name, keep_checkpoints=cfg.epochs, max_failures=0)
-    trainer, sizes, _ = distributed.build_trainer(per_worker, scale, data_dir)
+    trainer = distributed.build_trainer(cfg, scale, data)
     started_at, start = time.time(), time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - start
     test = load_split("test", data_dir)
     test_acc = []
     for checkpoint, _ in sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"]):
-        model, state = distributed.load_checkpoint(checkpoint)
+        model, state = ckpt.load(checkpoint)
         test_acc.append(test_metrics(model, test)["accuracy"])
-    history = state["history"]
-    steps = distributed.steps_per_epoch(sizes["train"], per_worker.batch_size, workers)
+    steps = distributed.steps_per_epoch(len(data.y_train), cfg.batch_size)
     label = f"Ray Train, {workers} worker{'s' if workers > 1 else ''}" + (" (GPU)" if use_gpu else "")
-    return summarize(label, history, test_acc, steps * per_worker.batch_size * workers, started_at, wall)
+    return summarize(label, state.history, test_acc, steps * cfg.batch_size, started_at, wall)
 
 
 def main() -> None:
@@ -125,13 +121,16 @@ def main() -> None:
                          "model_params": {**RECIPE["model_params"], **dict(args.param)}},
                       epochs=args.epochs, mixed_precision=args.mixed_precision)
     model_params(cfg.model, cfg.model_params)  # a bad --param fails here, before any training
-    rows = [single_process(cfg, args.data_dir)]
+    for workers in args.workers:
+        distributed.per_worker_batch(cfg.batch_size, workers)
+    data = load_train_val(cfg.val_fraction, cfg.seed, args.data_dir)
+    rows = [single_process(cfg, data, args.data_dir)]
     print(rows[-1], flush=True)
     if args.workers:
         init_ray(num_cpus=None if args.use_gpu else 2)
         quiet_data_progress()
     for workers in args.workers:
-        rows.append(ray_train(cfg, workers, args.use_gpu, args.data_dir, args.storage_path))
+        rows.append(ray_train(cfg, workers, args.use_gpu, data, args.data_dir, args.storage_path))
         print(rows[-1], flush=True)
 
     base = rows[0]["images_per_second"]

@@ -15,7 +15,9 @@ from _common import RESULTS, ROOT, markdown_table, save
 
 from digits_ray import plots
 from digits_ray.config import TrainConfig
-from digits_ray.train.local import train
+from digits_ray.data.split import load_train_val
+from digits_ray.evaluate import keep
+from digits_ray.train.local import fit
 
 # Settings and figures of the projects this repository replaces.
 PUBLISHED = {
@@ -38,7 +40,8 @@ def main() -> None:
     for name in args.models:
         settings, published, source = PUBLISHED[name]
         cfg = TrainConfig(model=name, **settings)
-        meta = train(cfg, ROOT / "artifacts" / "bench" / "zoo" / name, args.data_dir, verbose=2)
+        fitted = fit(cfg, load_train_val(cfg.val_fraction, cfg.seed, args.data_dir))
+        meta = keep(fitted, ROOT / "artifacts" / "bench" / "zoo" / name, args.data_dir)
         rows.append({
             "model": name, "epochs_run": meta["epochs_run"], "batch_size": cfg.batch_size,
             "augment": cfg.augment is not None, "test_accuracy": meta["test_accuracy"],

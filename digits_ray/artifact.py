@@ -2,8 +2,9 @@
 
     <dir>/
       model.keras       the model in Keras's native format (weights, architecture, optimizer state)
-      metadata.json     what produced it and how well it does (see ``REQUIRED_METADATA``)
-      history.csv       one row per epoch: loss, accuracy, val_loss, val_accuracy, lr, seconds
+      metadata.json     what produced it and how well it does (``REQUIRED_METADATA``, then
+                        ``TEST_METADATA`` from the one test evaluation)
+      history.csv       one row per epoch: loss, accuracy, val_loss, val_accuracy, lr, seconds, ended_at
       report/           plots and report.json, written by ``digits_ray evaluate``
 
 Folders are written whole into a temporary sibling and renamed into place, so a reader never sees a
@@ -23,6 +24,8 @@ from typing import Any
 
 import pandas as pd
 
+from digits_ray.errors import DigitsError
+
 FORMAT = "digits-ray-model/1"
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -37,12 +40,13 @@ REQUIRED_METADATA = (
     "versions",
     "training_seconds",
     "validation",
-    "test_accuracy",
 )
+# Written by the entry point that keeps a model, after its one test evaluation.
+TEST_METADATA = ("test_accuracy", "test_loss")
 
 
-class ArtifactError(RuntimeError):
-    pass
+class ArtifactError(DigitsError):
+    """A folder that is not an artifact, or one that must not be replaced."""
 
 
 def library_versions() -> dict[str, str]:
@@ -79,14 +83,20 @@ def is_artifact(folder: Path) -> bool:
     return (folder / METADATA_FILE).is_file() and (folder / MODEL_FILE).is_file()
 
 
+def check_writable(out_dir: Path | str) -> None:
+    """Refuse, before any training, a destination that holds something other than an artifact."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (not is_artifact(out_dir) and any(out_dir.iterdir()))):
+        raise ArtifactError(f"{out_dir} exists and is not a model artifact; refusing to replace its contents")
+
+
 def write_artifact(out_dir: Path | str, model, metadata: dict[str, Any], history: pd.DataFrame) -> Path:
     """Write a complete artifact folder atomically; replaces an older artifact, never other files."""
     out_dir = Path(out_dir)
     missing = [k for k in REQUIRED_METADATA if k not in metadata and k != "format"]
     if missing:
-        raise ArtifactError(f"metadata lacks required field(s) {missing}")
-    if out_dir.exists() and not is_artifact(out_dir) and any(out_dir.iterdir()):
-        raise ArtifactError(f"{out_dir} exists and is not a model artifact; refusing to replace its contents")
+        raise ValueError(f"metadata lacks required field(s) {missing}")  # a bug in the caller
+    check_writable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     from digits_ray.keras_api import save_model
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from digits_ray.config import MIXED_PRECISION_MODES, SCHEDULES, TrainConfig
+from digits_ray.errors import ConfigError, DigitsError
 
 DEFAULTS = TrainConfig()
 
@@ -78,10 +79,15 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from digits_ray.train.local import train
+    from digits_ray.artifact import check_writable
+    from digits_ray.data.split import load_train_val
+    from digits_ray.evaluate import keep
+    from digits_ray.train.local import fit
 
     cfg = train_config(args)
-    metadata = train(cfg, args.out, args.data_dir, verbose=args.verbose)
+    check_writable(args.out)
+    fitted = fit(cfg, load_train_val(cfg.val_fraction, cfg.seed, args.data_dir), verbose=args.verbose)
+    metadata = keep(fitted, args.out, args.data_dir)  # the one test evaluation, then the artifact
     print(json.dumps({k: metadata[k] for k in ("model", "training_seconds", "validation", "test_accuracy")},
                      indent=2))
     print(f"artifact written to {args.out}")
@@ -112,7 +118,7 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     cfg = AugmentConfig.from_dict(dict(args.aug))
     train = load_split("train", args.data_dir)
     if not 1 <= args.count <= len(train) or args.epochs < 1:
-        raise ValueError(f"--count must be in 1..{len(train)} and --epochs >= 1; got {args.count}, {args.epochs}")
+        raise ConfigError(f"--count must be in 1..{len(train)} and --epochs >= 1; got {args.count}, {args.epochs}")
     picked = np.random.default_rng(args.seed).choice(len(train), size=args.count, replace=False)
     sampler = EpochSampler(train.images, train.labels, args.seed, cfg)
     n = len(train)
@@ -160,5 +166,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except DigitsError as err:  # the user can fix it: one line; anything else keeps its traceback
         parser.exit(2, f"error: {err}\n")

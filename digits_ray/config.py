@@ -1,39 +1,17 @@
-"""One place for every default: where data lives, and the training hyperparameters.
+"""One place for every training default: ``TrainConfig``.
 
-The CLI, the Ray Train job and (later) Tune all start from ``TrainConfig`` so a default
-changes in exactly one line.
+The CLI, the Ray Train job and Tune all start from it, so a default changes in exactly one line, and
+``batch_size`` and ``learning_rate`` mean the same on every runner: the global batch, and the peak LR
+for that batch. Ray Train divides the batch among its workers; nothing rescales the LR.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-# --- Data locations -------------------------------------------------------------------------
-DATA_DIR_ENV = "DIGITS_DATA_DIR"  # folder with the four IDX files; read first, never downloaded into
-CACHE_DIR_ENV = "DIGITS_CACHE_DIR"  # where downloads are cached (default ~/.cache/digits-ray)
-OFFLINE_ENV = "DIGITS_OFFLINE"  # "1": never touch the network
-MIRRORS_ENV = "DIGITS_MNIST_MIRRORS"  # comma-separated base URLs overriding the public mirrors
-
-# Public mirrors of the original IDX files: the one TensorFlow Datasets uses, then torchvision's.
-MNIST_MIRRORS: tuple[str, ...] = (
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-)
-
-
-def cache_dir() -> Path:
-    """Folder where downloaded MNIST files are kept between runs."""
-    default = Path.home() / ".cache" / "digits-ray"
-    return Path(os.environ.get(CACHE_DIR_ENV, default)).expanduser() / "mnist"
-
-
-def offline() -> bool:
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes"}
-
+from digits_ray.errors import ConfigError
 
 # --- Training -------------------------------------------------------------------------------
 SCHEDULES = ("constant", "cosine", "plateau")
@@ -46,8 +24,8 @@ class TrainConfig:
 
     model: str = "cnn_bn"
     epochs: int = 5
-    batch_size: int = 64
-    learning_rate: float = 2e-3  # BN tolerates it; peak LR, per worker batch (scaled for Ray Train)
+    batch_size: int = 64  # global: split evenly among Ray Train workers
+    learning_rate: float = 2e-3  # peak LR for the global batch (BN tolerates it)
     schedule: str = "cosine"  # constant | cosine (per step, optional warmup) | plateau
     warmup_epochs: float = 0.0
     early_stopping_patience: int = 0  # epochs without val_accuracy gain; 0 turns it off
@@ -84,7 +62,7 @@ class TrainConfig:
                 f"got {self.mixed_precision!r}"
             )
         if problems:
-            raise ValueError("invalid training configuration: " + "; ".join(problems))
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
         self.augment_config()  # reject bad augmentation options now, not mid-training
 
     def augment_config(self):
@@ -101,5 +79,5 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; accepted: {sorted(known)}")
+            raise ConfigError(f"unknown training option(s) {unknown}; accepted: {sorted(known)}")
         return cls(**values)

@@ -1,6 +1,7 @@
 """Final evaluation on MNIST's test set: metrics, per-class figures and the report plots.
 
-The test set is used here and nowhere else.
+The test set is read here and nowhere else, by the entry points that keep a model: once for that
+model, never while fitting or selecting one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from digits_ray import artifact, plots
-from digits_ray.data.mnist import NUM_CLASSES, MnistSplit, load_split
+from digits_ray.data.mnist import MnistSplit, load_split
+from digits_ray.schema import NUM_CLASSES
 
 PREDICT_BATCH = 1024
 
@@ -49,6 +51,22 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, A
 
 def test_metrics(model, test: MnistSplit) -> dict[str, Any]:
     return classification_metrics(predict_proba(model, test.images), test.labels)
+
+
+def test_evaluation(model, data_dir: Path | str | None = None) -> dict[str, Any]:
+    """The one test evaluation of a model that is kept: the figures its artifact records."""
+    test = load_split("test", data_dir)
+    metrics = test_metrics(model, test)
+    return {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_count": metrics["count"],
+            "data_md5": test.md5}
+
+
+def keep(fitted, out_dir: Path | str, data_dir: Path | str | None = None) -> dict[str, Any]:
+    """What an entry point does with the model it keeps: its one test evaluation, then its artifact.
+
+    ``fitted``: a ``train.result.FitResult``. Returns the artifact's metadata.
+    """
+    return fitted.write_artifact(out_dir, test=test_evaluation(fitted.model, data_dir))
 
 
 def evaluate_artifact(

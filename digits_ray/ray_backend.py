@@ -1,15 +1,40 @@
 """Connecting to Ray: the running cluster when there is one, else an embedded local instance.
 
 The same job script then works under ``ray job submit`` (RAY_ADDRESS is set), beside a
-``ray start --head`` on this machine, and standalone on a laptop.
+``ray start --head`` on this machine, and standalone on a laptop; every Ray process it starts gets
+the same environment (``runtime_env``) either way.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
-# What every Ray process of ours needs before TensorFlow loads (see digits_ray/__init__).
-WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+from digits_ray.data.locations import CACHE_DIR_ENV, DATA_DIR_ENV, MIRRORS_ENV, OFFLINE_ENV
+
+# What every Ray process of ours needs before TensorFlow loads (see digits_ray/__init__), and quiet logs.
+WORKER_ENV = {
+    "TF_USE_LEGACY_KERAS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+}
+# Data locations of this process, forwarded so that workers read (or refuse to download) the same files.
+FORWARDED = (DATA_DIR_ENV, CACHE_DIR_ENV, OFFLINE_ENV, MIRRORS_ENV)
+_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job manager for a submitted job's driver
+
+
+def runtime_env() -> dict[str, Any]:
+    """The ``runtime_env`` for ``ray.init``: the Keras switch, log levels and this process's data folder.
+
+    Under ``ray job submit`` the job's own ``runtime_env`` wins: Ray refuses to merge two that set the
+    same variable, so variables the job already sets are left out here.
+    """
+    env = {**WORKER_ENV, **{name: os.environ[name] for name in FORWARDED if os.environ.get(name)}}
+    if _JOB_CONFIG in os.environ:
+        job_env = (json.loads(os.environ[_JOB_CONFIG]).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
+    return {"env_vars": env}
 
 
 def init_ray(num_cpus: float | None = None, address: str | None = None) -> str:
@@ -22,15 +47,17 @@ def init_ray(num_cpus: float | None = None, address: str | None = None) -> str:
 
     if ray.is_initialized():
         return "cluster" if address else "local"
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env())
         return "cluster"
     try:
-        ray.init(address="auto")  # a `ray start --head` on this machine
+        ray.init(address="auto", runtime_env=runtime_env())  # a `ray start --head` on this machine
         return "cluster"
     except ConnectionError:
         cpus = num_cpus if num_cpus is not None else os.cpu_count()
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env())
         return "local"
 
 

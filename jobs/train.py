@@ -16,10 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
+from digits_ray.artifact import check_writable  # noqa: E402
 from digits_ray.cli import add_train_options, train_config  # noqa: E402
 from digits_ray.data.pipeline import StreamConfig  # noqa: E402
+from digits_ray.data.split import load_train_val  # noqa: E402
+from digits_ray.errors import DigitsError  # noqa: E402
+from digits_ray.evaluate import keep  # noqa: E402
 from digits_ray.ray_backend import init_ray, quiet_data_progress  # noqa: E402
-from digits_ray.train.distributed import DEFAULT_STORAGE, ScaleConfig, train  # noqa: E402
+from digits_ray.train.distributed import DEFAULT_STORAGE, ScaleConfig, fit, per_worker_batch  # noqa: E402
 
 SCALE = ScaleConfig()
 STREAM = StreamConfig()
@@ -29,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_options(parser)
     scale = parser.add_argument_group("scaling (ScalingConfig, RunConfig, Ray Data)")
-    scale.add_argument("--workers", type=int, default=SCALE.workers, help="training workers (one GPU each)")
+    scale.add_argument("--workers", type=int, default=SCALE.workers,
+                       help="training workers (one GPU each); each takes --batch-size / WORKERS of every step")
     scale.add_argument("--use-gpu", action="store_true", help="give each worker a GPU")
     scale.add_argument("--cpus-per-worker", type=float, default=SCALE.cpus_per_worker)
     scale.add_argument("--data-actors", type=int, default=STREAM.concurrency, help="augmentation actors")
@@ -61,18 +66,19 @@ def main(argv=None) -> int:
             storage_path=args.storage_path, name=args.name, max_failures=args.max_failures,
             keep_checkpoints=args.keep_checkpoints, resume_from=args.resume_from,
         )
-    except ValueError as err:
+        per_worker_batch(cfg.batch_size, scale.workers)
+        check_writable(args.out)
+        data = load_train_val(cfg.val_fraction, cfg.seed, args.data_dir)
+    except DigitsError as err:  # the user can fix it: one line; anything else keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     mode = init_ray(args.num_cpus, args.address)
     quiet_data_progress()
-    print(f"Ray: {mode}; {scale.workers} worker(s), {scale.data.concurrency} augmentation actor(s)")
-    try:
-        metadata = train(cfg, scale, args.out, args.data_dir)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:  # bad data, checkpoint or artifact folder
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    keys = ("model", "training_seconds", "wall_seconds", "validation", "test_accuracy", "trained_with")
+    print(f"Ray: {mode}; {scale.workers} worker(s) x batch {cfg.batch_size // scale.workers}, "
+          f"{scale.data.concurrency} augmentation actor(s)")
+    fitted = fit(cfg, scale, data)
+    metadata = keep(fitted, args.out, args.data_dir)  # the one test evaluation, then the artifact
+    keys = ("model", "training_seconds", "validation", "test_accuracy", "trained_with")
     print(json.dumps({k: metadata[k] for k in keys}, indent=2))
     print(f"artifact written to {args.out}")
     return 0

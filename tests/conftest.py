@@ -31,8 +31,9 @@ def ray_local(tmp_path_factory):
     """A 2-CPU local Ray instance shared by every test that needs one (as on the 2-core CI)."""
     import ray
 
+    from digits_ray.ray_backend import runtime_env
+
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
     yield tmp_path_factory.mktemp("ray_storage")
     ray.shutdown()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from digits_ray.keras_api import tf
+from digits_ray.train import distributed
 from digits_ray.train.feed import FreedInBackground, StartedEarly, even_shards, tf_dataset_from_chunks
 
 
@@ -61,10 +62,14 @@ def test_started_early_raises_the_stream_error_to_the_reader():
         next(iter(stream))
 
 
-@pytest.mark.parametrize("n, workers, batch", [(6000, 2, 1024), (6001, 2, 1024), (1025, 2, 1024), (7, 3, 1024),
-                                               (100, 1, 32), (2053, 4, 64)])
-def test_even_shards_cover_everything_in_equal_step_counts(n, workers, batch):
+@pytest.mark.parametrize("n, workers, batch, expected", [
+    # (per-worker batch, steps): the batch never exceeds its part of the global batch, except for
+    # shares too small to split (7 items over 3 workers: one step of the whole share).
+    (6000, 2, 1024, (500, 6)), (6001, 2, 1024, (501, 6)), (1025, 2, 1024, (257, 2)), (7, 3, 1024, (3, 1)),
+    (100, 1, 32, (25, 4)), (2053, 4, 64, (16, 33))])
+def test_even_shards_cover_everything_in_equal_step_counts(n, workers, batch, expected):
     shares, per_worker, steps = even_shards(n, workers, batch)
+    assert (per_worker, steps) == expected
     covered = np.concatenate([np.arange(n)[share] for share in shares])
     np.testing.assert_array_equal(covered, np.arange(n))  # every item once, in order
     for share in shares:
@@ -108,3 +113,36 @@ def test_input_iterators_are_freed_off_the_training_thread():
     del second
     data.release()  # once fit has returned
     assert _wait_for(second_freed) == ["free-input-iterators"]
+
+
+def test_batches_to_train_skip_trained_epochs_and_stop_at_the_last_batch():
+    import numpy as np
+
+    def stream(chunks: int, per_chunk: int, batch: int):
+        for c in range(chunks):
+            ids = np.arange(c * per_chunk * batch, (c + 1) * per_chunk * batch)
+            yield {"image": ids, "label": ids}
+
+    assert distributed.chunk_window(seen=0, whole=4, skip=6, end=12) == (4, 4)  # all before skip: none
+    assert distributed.chunk_window(seen=4, whole=4, skip=6, end=12) == (2, 4)
+    assert distributed.chunk_window(seen=8, whole=4, skip=6, end=10) == (0, 2)  # the run ends mid-chunk
+    pulled = []
+
+    def counted(chunks):
+        for chunk in chunks:
+            pulled.append(chunk)
+            yield chunk
+
+    # 3 batches of 2 per chunk; the run trains stream batches 4..8 (epoch 2-3 of 2-batch epochs, say).
+    got = list(distributed.batches_to_train(counted(stream(10, 3, 2)), batch_size=2, skip=4, end=9))
+    labels = np.concatenate([labels for _, labels in got])
+    np.testing.assert_array_equal(labels, np.arange(8, 18))  # batches 4..8, each of 2 rows
+    assert len(pulled) == 3  # not one chunk more than the last batch needs
+
+
+def test_a_global_batch_that_does_not_divide_is_refused():
+    from digits_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size 65 .global. does not divide among 2 workers"):
+        distributed.per_worker_batch(65, 2)
+    assert distributed.per_worker_batch(128, 2) == 64

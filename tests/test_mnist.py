@@ -232,18 +232,21 @@ def test_download_retries_then_verifies_published_checksum(mirror, monkeypatch, 
 
 
 def test_download_skips_a_mirror_with_a_wrong_file(mirror, monkeypatch, tmp_path, small_mnist):
-    wrong_url, _ = mirror(small_mnist)  # serves the subset's labels file under the canonical name
-    good_url, _ = mirror(CANONICAL_FILES)
+    wrong_url, wrong = mirror(small_mnist)  # serves the subset's labels file under the canonical name
+    good_url, good = mirror(CANONICAL_FILES)
     spec = FILES["test_labels"]
     monkeypatch.setenv("DIGITS_MNIST_MIRRORS", f"{wrong_url},{good_url}")
-    path = mnist.download(spec, tmp_path, backoff_s=0)
+    path = mnist.download(spec, tmp_path, attempts=1)
     assert mnist.md5_of(path) == spec.md5
+    assert wrong.requests == good.requests == ["/t10k-labels-idx1-ubyte.gz"]  # tried first, then skipped
+    assert [p.name for p in tmp_path.iterdir()] == [spec.name]  # the rejected download is gone
 
 
 def test_download_failure_lists_every_try(mirror, monkeypatch, tmp_path):
     url, handler = mirror(tmp_path / "empty")  # 404 for everything
     monkeypatch.setenv("DIGITS_MNIST_MIRRORS", url)
     spec = MnistFile("t10k-labels-idx1-ubyte.gz", FILES["test_labels"].md5, 10_000)
-    with pytest.raises(DownloadError, match=r"(?s)try 1.*try 2.*DIGITS_DATA_DIR"):
-        mnist.download(spec, tmp_path / "cache", attempts=2, backoff_s=0)
+    with pytest.raises(DownloadError, match=r"(?s)t10k-labels-idx1-ubyte.gz \(2 tries\).*404.*DIGITS_DATA_DIR"):
+        mnist.download(spec, tmp_path / "cache", attempts=2)
+    assert len(handler.requests) == 2
     assert not list((tmp_path / "cache").iterdir())

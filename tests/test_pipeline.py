@@ -46,6 +46,7 @@ def test_local_iterator_batches_epochs(train_split):
     assert batches[0][0].dtype == np.uint8 and batches[0][0].shape == (500, 28, 28)
 
 
+@pytest.mark.slow
 def test_ray_stream_matches_the_local_iterator(ray_local, train_split):
     images, labels = train_split
     cfg = AugmentConfig(elastic_alpha=1.0)
@@ -62,6 +63,7 @@ def test_ray_stream_matches_the_local_iterator(ray_local, train_split):
     np.testing.assert_array_equal(np.bincount(ray_labels), 2 * np.bincount(labels))
 
 
+@pytest.mark.slow
 def test_data_cpu_cap_is_applied(ray_local, train_split):
     from ray.data import DataContext
 

@@ -27,7 +27,9 @@ def test_same_seed_same_split_other_seed_other_split(small_mnist):
 def test_split_carries_checksums_and_never_the_test_set(small_mnist):
     data = train_val_split(load_split("train", small_mnist), 0.1, 0)
     assert len(data.y_train) == 4500 and len(data.y_val) == 500
-    assert all(name.startswith("train-") for name in data.md5)
+    assert data.md5 == {"train-images-idx3-ubyte.gz": "7d9bf810e5ec0cf034f1ad79eb20bf00",
+                        "train-labels-idx1-ubyte.gz": data.md5["train-labels-idx1-ubyte.gz"]}
+    assert len(data.md5["train-labels-idx1-ubyte.gz"]) == 32
 
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5])

@@ -12,6 +12,7 @@ from digits_ray.cli import main
 from digits_ray.config import TrainConfig
 from digits_ray.data.split import load_train_val
 from digits_ray.evaluate import classification_metrics, predict_proba
+from digits_ray.keras_api import keras
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,9 @@ def test_artifact_is_complete(trained):
     history = artifact.read_history(trained)
     assert list(history["epoch"]) == [1, 2, 3]
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "ended_at"} <= set(history.columns)
-    assert history["lr"].is_monotonic_decreasing  # cosine schedule
+    # The per-step cosine schedule: "lr" is the LR of each epoch's last step (ceil(4500 / 128) = 36 steps).
+    schedule = keras.optimizers.schedules.CosineDecay(2e-3, 3 * 36, alpha=0.01)
+    np.testing.assert_allclose(history["lr"], [float(schedule(36 * k - 1)) for k in (1, 2, 3)], rtol=1e-5)
     assert (history["ended_at"].diff().dropna() >= history["seconds"].iloc[1:] * 0.99).all()  # epochs end in order
 
 
@@ -52,6 +55,7 @@ def test_artifact_holds_the_best_validation_epoch(trained, small_mnist):
 
 
 def test_evaluate_writes_report_and_updates_metadata(trained, small_mnist, capsys):
+    artifact.update_metadata(trained, {"test_accuracy": -1.0, "test_loss": -1.0})
     assert main(["evaluate", str(trained), "--data-dir", str(small_mnist)]) == 0
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "precision" in printed
@@ -61,7 +65,8 @@ def test_evaluate_writes_report_and_updates_metadata(trained, small_mnist, capsy
     report = json.loads((report_dir / "report.json").read_text())
     matrix = np.array(report["test"]["confusion_matrix"])
     assert matrix.sum() == 1000 and matrix.trace() / 1000 == pytest.approx(report["test"]["accuracy"])
-    assert artifact.read_metadata(trained)["test_accuracy"] == report["test"]["accuracy"]
+    meta = artifact.read_metadata(trained)
+    assert meta["test_accuracy"] == report["test"]["accuracy"] and meta["test_loss"] == report["test"]["loss"]
 
 
 def test_train_refuses_to_overwrite_a_folder_that_is_not_an_artifact(small_mnist, tmp_path, capsys):
@@ -96,14 +101,59 @@ def test_evaluate_rejects_a_folder_that_is_not_an_artifact(tmp_path, capsys):
     assert "is not a model artifact" in capsys.readouterr().err
 
 
-def test_early_stopping_and_plateau_schedule(small_mnist, tmp_path):
-    from digits_ray.train.local import train
+def test_early_stopping_and_plateau_schedule(small_mnist):
+    from digits_ray.train import recipe
+    from digits_ray.train.local import fit
 
     # 450 training images overfit within a few epochs: val_loss stalls (plateau halves the LR) and
     # val_accuracy stops improving (early stopping ends the run before the epoch budget).
     cfg = TrainConfig(model="dense", epochs=15, batch_size=32, learning_rate=3e-3, schedule="plateau",
                       early_stopping_patience=3, val_fraction=0.9, model_params={"dropout": 0.0})
-    meta = train(cfg, tmp_path / "a", small_mnist, verbose=0)
-    history = artifact.read_history(tmp_path / "a")
-    assert meta["epochs_run"] < 15 and len(history) == meta["epochs_run"]
-    assert history["lr"].min() < 5.0  # the plateau callback cut the LR used in a later epoch
+    data = load_train_val(cfg.val_fraction, cfg.seed, small_mnist)
+    fitted = fit(cfg, data, verbose=0)
+    history = fitted.history
+    assert len(history) < 15
+    # Stopped by the rule: the best epoch is exactly `patience` epochs before the last ...
+    best = recipe.best_epoch(history.to_dict("records"))
+    assert best == len(history) - 1 - 3
+    # ... and the model came back with that epoch's weights, not the last epoch's.
+    val_accuracy = classification_metrics(predict_proba(fitted.model, data.x_val), data.y_val)["accuracy"]
+    assert val_accuracy == pytest.approx(history["val_accuracy"].iloc[best], abs=1e-6)
+    assert history["lr"].iloc[0] == pytest.approx(3e-3)
+    assert history["lr"].min() <= 3e-3 * recipe.PLATEAU_FACTOR * 1.0001  # the plateau callback halved it
+
+
+def test_a_trial_style_fit_never_opens_the_test_files(small_mnist, tmp_path, monkeypatch):
+    """Fitting (what a Tune trial runs) reads the training split only; the test split is for entry points."""
+    from digits_ray.data import mnist
+    from digits_ray.train.local import fit
+
+    train_only = tmp_path / "train-only"
+    train_only.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", mnist.MANIFEST_NAME):
+        (train_only / name).write_bytes((small_mnist / name).read_bytes())
+    real_locate = mnist.locate
+    opened: list[str] = []
+
+    def locate_train_only(spec, data_dir=None):  # every split, from every caller, is located here
+        opened.append(spec.name)
+        assert not spec.name.startswith("t10k"), f"{spec.name} was opened during a trial-style run"
+        return real_locate(spec, data_dir)
+
+    monkeypatch.setattr(mnist, "locate", locate_train_only)
+    monkeypatch.setenv("DIGITS_DATA_DIR", str(train_only))  # no test files anywhere this run could look
+    cfg = TrainConfig(model="dense", epochs=1, batch_size=128, augment={})
+    fitted = fit(cfg, load_train_val(cfg.val_fraction, cfg.seed), verbose=0)
+    assert fitted.best["val_accuracy"] > 0.5 and "test_accuracy" not in fitted.metadata()
+    assert sorted(set(opened)) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+
+
+def test_best_epoch_and_early_stopping_rules():
+    from digits_ray.train.recipe import best_epoch, should_stop
+
+    rows = [{"val_accuracy": v} for v in (0.5, 0.7, 0.7, 0.6)]
+    assert best_epoch(rows) == 1  # highest, earliest on ties
+    assert not should_stop(rows[:3], 2) and should_stop(rows, 2)  # 2 epochs after the best without a gain
+    assert not should_stop(rows, 0)  # patience 0: never
+    with pytest.raises(ValueError, match="no epoch"):
+        best_epoch([])

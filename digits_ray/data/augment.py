@@ -16,7 +16,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from digits_ray.data.mnist import IMAGE_SIZE
+from digits_ray.errors import ConfigError
+from digits_ray.schema import IMAGE_SIZE
 
 _CENTER = (IMAGE_SIZE - 1) / 2
 _GRID_Y, _GRID_X = (g.ravel().astype(np.float32) - _CENTER for g in np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE])
@@ -45,7 +46,7 @@ class AugmentConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"augmentation option(s) out of range: {', '.join(f'{b}={getattr(self, b)}' for b in bad)}; "
                 "accepted: rotation_deg 0-180, shift [0, 0.5), zoom [0, 1), elastic_alpha 0-5, "
                 "elastic_grid 2-28, margin [0, 5)"
@@ -62,7 +63,7 @@ class AugmentConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown augmentation option(s) {unknown}; accepted: {sorted(known)}")
+            raise ConfigError(f"unknown augmentation option(s) {unknown}; accepted: {sorted(known)}")
         return cls(**values)
 
 
@@ -138,9 +139,9 @@ def augment(
     """Augment a batch of uint8 (N, 28, 28) images; ``index`` gives each image's dataset position.
 
     The random parameters are always computed here, in numpy. The resampling runs in TensorFlow's
-    compiled ``ImageProjectiveTransformV3`` (the kernel behind Keras' RandomRotation; about 4x the
-    numpy sampler) unless elastic distortion is on, which needs a per-pixel displacement field
-    that only the numpy sampler takes. ``kernel`` forces one of them.
+    compiled ``ImageProjectiveTransformV3`` (the kernel behind Keras' RandomRotation; its speed
+    against the numpy sampler is in bench/README.md) unless elastic distortion is on, which needs a
+    per-pixel displacement field that only the numpy sampler takes. ``kernel`` forces one of them.
     """
     if images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")

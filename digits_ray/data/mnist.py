@@ -8,30 +8,30 @@ Where the files come from, in order:
 Every file is checked against MNIST's published md5. A folder that is *not* canonical MNIST
 (such as the test subset) must declare itself with a ``checksums.md5`` manifest beside the files;
 verification is never skipped.
+
+Downloading (retries, progress bar, hash check, atomic rename) is pooch's job. The IDX reader and the
+checksum policy stay ours: they give every kind of broken file an error that says how to fix it, and
+accept declared subsets, which no library does for this format.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import struct
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from digits_ray import config
+from digits_ray.data import locations
+from digits_ray.data.locations import DATA_DIR_ENV, OFFLINE_ENV
+from digits_ray.errors import ConfigError, DigitsError
+from digits_ray.schema import IMAGE_SIZE, NUM_CLASSES
 
 MANIFEST_NAME = "checksums.md5"
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ FILES = {
 _IDX_MAGIC = {1: 0x00000801, 3: 0x00000803}
 
 
-class MnistDataError(RuntimeError):
+class MnistDataError(DigitsError):
     """Base class: something about the MNIST files on disk is wrong."""
 
 
@@ -142,25 +142,25 @@ def _expected_md5(folder: Path, spec: MnistFile) -> tuple[str, str]:
 
 def locate(spec: MnistFile, data_dir: Path | None = None) -> tuple[Path, str]:
     """Path of a verified copy of one file (downloading it if allowed) and its md5."""
-    explicit = data_dir if data_dir is not None else os.environ.get(config.DATA_DIR_ENV)
-    if explicit:
-        folder = Path(explicit).expanduser()
+    folder = data_dir if data_dir is not None else locations.data_dir_from_env()
+    if folder is not None:
+        folder = Path(folder).expanduser()
         path = folder / spec.name
         if not path.is_file():
             raise MnistFileMissingError(
-                f"{spec.name} is not in {folder} (named by {config.DATA_DIR_ENV}, or passed as data_dir). "
-                f"Put the four MNIST IDX .gz files there, or unset {config.DATA_DIR_ENV} to download them."
+                f"{spec.name} is not in {folder} (named by {DATA_DIR_ENV}, or passed as data_dir). "
+                f"Put the four MNIST IDX .gz files there, or unset {DATA_DIR_ENV} to download them."
             )
         expected, source = _expected_md5(folder, spec)
         return path, verify_checksum(path, expected, source)
 
-    folder = config.cache_dir()
+    folder = locations.cache_dir()
     path = folder / spec.name
     if not path.is_file():
-        if config.offline():
+        if locations.offline():
             raise MnistFileMissingError(
-                f"{spec.name} is not in the cache {folder} and {config.OFFLINE_ENV}=1 forbids downloading "
-                f"it. Set {config.DATA_DIR_ENV} to a folder holding the four MNIST IDX .gz files."
+                f"{spec.name} is not in the cache {folder} and {OFFLINE_ENV}=1 forbids downloading "
+                f"it. Set {DATA_DIR_ENV} to a folder holding the four MNIST IDX .gz files."
             )
         download(spec, folder)
     return path, verify_checksum(path, spec.md5, "MNIST's published checksum")
@@ -169,62 +169,28 @@ def locate(spec: MnistFile, data_dir: Path | None = None) -> tuple[Path, str]:
 # --- Downloading ----------------------------------------------------------------------------
 
 
-def mirrors() -> list[str]:
-    override = os.environ.get(config.MIRRORS_ENV)
-    bases = override.split(",") if override else list(config.MNIST_MIRRORS)
-    return [b.strip().rstrip("/") + "/" for b in bases if b.strip()]
+def download(spec: MnistFile, folder: Path, attempts: int = 3, timeout_s: float = 30.0) -> Path:
+    """Fetch one file from the first mirror that serves it with the published md5.
 
+    pooch streams it to a temporary file, checks the hash, retries failures and renames it into place.
+    """
+    import pooch
+    import requests
 
-def download(
-    spec: MnistFile,
-    folder: Path,
-    attempts: int = 3,
-    backoff_s: float = 1.0,
-    timeout_s: float = 30.0,
-) -> Path:
-    """Fetch one file from the first mirror that serves it with the right checksum; atomic write."""
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / spec.name
     failures = []
-    for base in mirrors():
-        url = base + spec.name
-        for attempt in range(1, attempts + 1):
-            fd, tmp_name = tempfile.mkstemp(prefix=spec.name + ".", suffix=".part", dir=folder)
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    _stream(url, out, timeout_s)
-                verify_checksum(tmp, spec.md5, "MNIST's published checksum")
-                os.replace(tmp, target)
-                return target
-            except (urllib.error.URLError, OSError, ChecksumMismatchError) as err:
-                failures.append(f"{url} (try {attempt}): {err}")
-                if isinstance(err, ChecksumMismatchError):
-                    break  # a mirror serving a wrong file will not serve a right one on retry
-                if attempt < attempts:
-                    time.sleep(backoff_s * 2 ** (attempt - 1))
-            finally:
-                tmp.unlink(missing_ok=True)
+    for base in locations.mirrors():
+        source = pooch.create(path=folder, base_url=base, registry={spec.name: f"md5:{spec.md5}"},
+                              retry_if_failed=attempts - 1)
+        downloader = pooch.HTTPDownloader(progressbar=sys.stderr.isatty(), timeout=timeout_s)
+        try:
+            return Path(source.fetch(spec.name, downloader=downloader))
+        except (requests.RequestException, ValueError, OSError) as err:  # ValueError: pooch's hash mismatch
+            failures.append(f"{base}{spec.name} ({attempts} tries): {err}")
     raise DownloadError(
         f"could not download {spec.name}; tried:\n  " + "\n  ".join(failures) + f"\nOffline? Set "
-        f"{config.DATA_DIR_ENV} to a folder holding the four MNIST IDX .gz files."
+        f"{DATA_DIR_ENV} to a folder holding the four MNIST IDX .gz files."
     )
-
-
-def _stream(url: str, out, timeout_s: float) -> None:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (https mirrors)
-        total = int(response.headers.get("Content-Length") or 0)
-        done = 0
-        show = sys.stderr.isatty()
-        while chunk := response.read(1 << 16):
-            out.write(chunk)
-            done += len(chunk)
-            if show and total:
-                print(f"\r{url}: {done * 100 // total:3d}% of {total / 1e6:.1f} MB", end="", file=sys.stderr)
-        if show:
-            print(file=sys.stderr)
-        if total and done != total:
-            raise OSError(f"connection closed after {done} of {total} bytes")
 
 
 # --- Parsing --------------------------------------------------------------------------------
@@ -267,7 +233,7 @@ def load_split(split: str, data_dir: Path | str | None = None) -> MnistSplit:
     validation part of ``"train"`` (see ``digits_ray.data.split``).
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     folder = Path(data_dir) if data_dir is not None else None
     image_spec, label_spec = FILES[f"{split}_images"], FILES[f"{split}_labels"]
     image_path, image_md5 = locate(image_spec, folder)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from digits_ray.data.augment import AugmentConfig, augment, limit_kernel_threads
-
-IMAGE_COLUMN, LABEL_COLUMN = "image", "label"
+from digits_ray.errors import ConfigError
+from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if self.block_rows < 1 or self.concurrency < 1 or not self.cpus_per_actor > 0:
-            raise ValueError(
+            raise ConfigError(
                 f"block_rows and concurrency must be >= 1 and cpus_per_actor > 0; got {self.block_rows}, "
                 f"{self.concurrency}, {self.cpus_per_actor}"
             )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from digits_ray.data.mnist import MnistSplit, load_split
+from digits_ray.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def stratified_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tu
     depend on the class loop).
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     val_parts = []
     for cls in np.unique(labels):

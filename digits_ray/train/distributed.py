@@ -5,28 +5,33 @@ The driver builds the augmented Ray Data stream (``digits_ray.data.pipeline``) a
 with the same recipe as single-process training, and reports metrics plus a checkpoint (model
 with optimizer state, and the history so far) every epoch. After a failure, workers restart
 from the latest checkpoint and continue at the next epoch.
+
+``batch_size`` is the global batch: each of the W workers takes ``batch_size / W`` of every step,
+and the peak LR is the configured one (no rescaling), exactly as in one process.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
-from digits_ray.data.pipeline import IMAGE_COLUMN, LABEL_COLUMN, StreamConfig, training_stream
-from digits_ray.data.split import load_train_val
-from digits_ray.train.finish import finish
+from digits_ray.data.pipeline import StreamConfig, training_stream
+from digits_ray.data.split import TrainValData, load_train_val
+from digits_ray.errors import ConfigError
+from digits_ray.keras_api import keras
+from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
+from digits_ray.train import recipe
+from digits_ray.train.result import FitResult
 
-CHECKPOINT_MODEL = "model.keras"
-CHECKPOINT_STATE = "state.json"
 DEFAULT_STORAGE = Path.home() / "ray_results" / "digits-ray"
 FEED_CHUNK_BATCHES = 16  # training batches per Ray Data batch handed to a worker
 
@@ -47,57 +52,94 @@ class ScaleConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1 or not self.cpus_per_worker > 0 or self.max_failures < -1 or self.keep_checkpoints < 1:
-            raise ValueError(
+            raise ConfigError(
                 "need workers >= 1, cpus_per_worker > 0, max_failures >= -1 and keep_checkpoints >= 1; got "
                 f"{self.workers}, {self.cpus_per_worker}, {self.max_failures}, {self.keep_checkpoints}"
             )
+        if self.resume_from and not ckpt.is_checkpoint(self.resume_from):
+            raise ConfigError(f"--resume-from {self.resume_from} is not a checkpoint folder (it needs "
+                              f"{ckpt.MODEL_FILE} and {ckpt.STATE_FILE}, as in RUN/epoch_0003)")
 
 
-def steps_per_epoch(n_train: int, batch_size: int, workers: int) -> int:
+def per_worker_batch(batch_size: int, workers: int) -> int:
+    """Each worker's part of the global batch; it must divide evenly, or workers would differ."""
+    if batch_size % workers:
+        raise ConfigError(f"batch_size {batch_size} (global) does not divide among {workers} workers; "
+                          f"use a multiple of {workers}")
+    return batch_size // workers
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
     """Every worker runs the same number of steps (collectives need it): whole global batches only."""
-    steps = n_train // (batch_size * workers)
+    steps = n_train // batch_size
     if steps < 1:
-        raise ValueError(f"{n_train} training images do not fill one global batch of {batch_size} x {workers}")
+        raise ConfigError(f"{n_train} training images do not fill one global batch of {batch_size}")
     return steps
-
-
-def improved_recently(history: list[dict[str, float]], patience: int) -> bool:
-    """Early stopping on val_accuracy, decided from the history so that it survives a resume."""
-    if not patience or len(history) <= patience:
-        return True
-    best_before = max(h["val_accuracy"] for h in history[:-patience])
-    return max(h["val_accuracy"] for h in history[-patience:]) > best_before
 
 
 # --- Inside each worker ---------------------------------------------------------------------
 
 
-def _state_in(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
+@dataclass(frozen=True)
+class LoopConfig:
+    """What ``train_loop_per_worker`` is given (as ``train_loop_config={"loop": LoopConfig(...)}``)."""
+
+    train: TrainConfig
+    n_train: int
+    validation: Any  # ObjectRef of (x_val, y_val)
+    threads: int  # TensorFlow threads per worker: the CPUs it holds
+    resume_from: str | None = None  # Train V2 has no resume_from_checkpoint: used when Ray has none
 
 
-def _model_in(folder: str | Path) -> Any:
-    from digits_ray.keras_api import keras
+def chunk_window(seen: int, whole: int, skip: int, end: int) -> tuple[int, int]:
+    """Which of a chunk's ``whole`` batches to train on: [first, last), empty when first >= last.
 
-    return keras.models.load_model(Path(folder) / CHECKPOINT_MODEL, safe_mode=True)
-
-
-def _read_state(checkpoint) -> dict[str, Any]:
-    """History and attempt starts: small, read before TensorFlow sets up (the model comes later)."""
-    with checkpoint.as_directory() as folder:
-        return _state_in(folder)
+    ``seen`` batches of the stream came before this chunk; the run trains stream batches
+    [``skip``, ``end``): the epochs still to train, after those a previous attempt trained.
+    """
+    return min(max(skip - seen, 0), whole), min(whole, end - seen)
 
 
-def _load_model(checkpoint) -> Any:
-    """The model with its optimizer state and step count (inside a strategy scope when training)."""
-    with checkpoint.as_directory() as folder:
-        return _model_in(folder)
+def batches_to_train(rows: Iterable[dict[str, np.ndarray]], batch_size: int, skip: int, end: int
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Chunks of whole batches (images, labels) for stream batches [``skip``, ``end``), and not one more.
+
+    Stopping exactly at the run's last batch matters: a generator left waiting on the shard after
+    ``fit`` ends would block the worker's exit until the other workers' streams time out.
+    """
+    seen = 0
+    for chunk in rows:
+        whole = len(chunk[LABEL_COLUMN]) // batch_size  # only the stream's last chunk can be short
+        first, last = chunk_window(seen, whole, skip, end)
+        seen += whole
+        if first < last:
+            part = slice(first * batch_size, last * batch_size)
+            yield chunk[IMAGE_COLUMN][part], chunk[LABEL_COLUMN][part]
+        if seen >= end:
+            return
 
 
-def load_checkpoint(checkpoint) -> tuple[Any, dict[str, Any]]:
-    """A reported checkpoint's model and state (history, attempt starts), for reading a run back."""
-    with checkpoint.as_directory() as folder:  # one download when the storage is remote
-        return _model_in(folder), _state_in(folder)
+class ReportEachEpoch(keras.callbacks.Callback):
+    """Every epoch, every worker saves a checkpoint (the strategy expects it); rank 0's is reported."""
+
+    def __init__(self, state: ckpt.RunState, rank: int, images_per_epoch: int, per_worker_batch: int):
+        super().__init__()
+        self.state, self.rank, self.images_per_epoch = state, rank, images_per_epoch
+        self.per_worker_batch = per_worker_batch
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        import ray.train
+
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        self.state.history.append(row)
+        with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as folder:
+            ckpt.write(folder, self.model, self.state)
+            ray.train.report(
+                {**row, "images_per_second": self.images_per_epoch / row["seconds"],
+                 "per_worker_batch": self.per_worker_batch},
+                checkpoint=ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None,
+                checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
+            )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -105,103 +147,65 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.tensorflow import prepare_dataset_shard
 
-    from digits_ray.keras_api import keras, save_model, tf
+    from digits_ray.keras_api import tf
     from digits_ray.models.zoo import build_model
-    from digits_ray.train import recipe
     from digits_ray.train.feed import FreedInBackground, StartedEarly, even_shards, tf_dataset_from_chunks
 
+    loop: LoopConfig = config["loop"]
+    cfg = loop.train
     tf.get_logger().setLevel("WARNING")  # MultiWorkerMirroredStrategy logs every all-reduce at INFO
-    tf.config.threading.set_intra_op_parallelism_threads(config["threads"])
-    tf.config.threading.set_inter_op_parallelism_threads(config["threads"])
-    cfg = TrainConfig.from_dict(config["train"])
+    tf.config.threading.set_intra_op_parallelism_threads(loop.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(loop.threads)
     context = ray.train.get_context()
     workers, rank = context.get_world_size(), context.get_world_rank()
-    steps = steps_per_epoch(config["n_train"], cfg.batch_size, workers)
+    batch = per_worker_batch(cfg.batch_size, workers)
+    steps = steps_per_epoch(loop.n_train, cfg.batch_size)
 
     # Ray's latest checkpoint after a failure in this run; else the one this run was told to resume.
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config["resume_from"]:
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
-    state = _read_state(checkpoint) if checkpoint else {"history": [], "attempt_starts": []}
-    start_epoch = len(state["history"])
-    if start_epoch >= cfg.epochs or not improved_recently(state["history"], cfg.early_stopping_patience):
+    if checkpoint is None and loop.resume_from:
+        checkpoint = ray.train.Checkpoint.from_directory(loop.resume_from)
+    state = ckpt.read_state(checkpoint) if checkpoint else ckpt.RunState()
+    if state.epochs_done >= cfg.epochs or recipe.should_stop(state.history, cfg.early_stopping_patience):
         return  # a resume of a run that had already finished or stopped early
     # Start reading the shard now: its actors and first blocks get ready while TF sets up below.
     rows = StartedEarly(ray.train.get_dataset_shard("train").iter_batches(
-        batch_size=cfg.batch_size * FEED_CHUNK_BATCHES, batch_format="numpy", prefetch_batches=2))
+        batch_size=batch * FEED_CHUNK_BATCHES, batch_format="numpy", prefetch_batches=2))
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     recipe.set_precision(cfg.mixed_precision)
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         if checkpoint:
-            model = _load_model(checkpoint)
+            model = ckpt.load_model(checkpoint)
         else:
             model = build_model(cfg.model, cfg.model_params)
-            # Linear scaling: the global batch is `workers` times larger, so is the learning rate.
-            recipe.compile_model(model, cfg, steps, lr_scale=workers)
-    state["attempt_starts"].append(start_epoch)  # kept in every later checkpoint: shows each resume
-
-    def chunks():
-        """This worker's batches for the epochs still to train, and not one more.
-
-        Ray Data hands over ``FEED_CHUNK_BATCHES`` training batches at a time and tf.data cuts them
-        (``tf_dataset_from_chunks``): per-batch Python costs more than a small model's step on a CPU.
-        The batches of epochs a previous attempt trained are skipped. Stopping exactly at the run's
-        last batch matters: a generator left waiting on the shard after ``fit`` ends would block the
-        worker's exit until the other workers' streams time out.
-        """
-        size = cfg.batch_size
-        skip, end, seen = start_epoch * steps, cfg.epochs * steps, 0
-        for chunk in rows:
-            whole = len(chunk[LABEL_COLUMN]) // size  # only the stream's last chunk can be short
-            first, last = min(max(skip - seen, 0), whole), min(whole, end - seen)
-            seen += whole
-            if first < last:
-                yield (chunk[IMAGE_COLUMN][first * size : last * size],
-                       chunk[LABEL_COLUMN][first * size : last * size])
-            if seen >= end:
-                return
+            recipe.compile_model(model, cfg, steps)
+    state.attempt_starts.append(state.epochs_done)  # kept in every later checkpoint: shows each resume
 
     def per_worker(make_dataset) -> FreedInBackground:
         """This worker's tf.data pipeline as the strategy's input; its iterators freed off this thread."""
         return FreedInBackground(strategy.distribute_datasets_from_function(
             lambda _: prepare_dataset_shard(make_dataset())))
 
-    inputs = per_worker(lambda: tf_dataset_from_chunks(chunks, cfg.batch_size))
+    # Ray Data hands over FEED_CHUNK_BATCHES batches at a time and tf.data cuts them: per-batch
+    # Python costs more than a small model's step on a CPU.
+    skip, end = state.epochs_done * steps, cfg.epochs * steps
+    inputs = per_worker(lambda: tf_dataset_from_chunks(lambda: batches_to_train(rows, batch, skip, end), batch))
     # Each worker validates its own share (every worker the same number of steps), and Keras
     # all-reduces the metrics: the full set is evaluated once per epoch, not once per worker.
-    x_val, y_val = ray.get(config["validation"])
+    x_val, y_val = ray.get(loop.validation)
     shares, val_batch, val_steps = even_shards(len(y_val), workers, recipe.VALIDATION_BATCH_SIZE)
     own = shares[rank]
     validation = per_worker(lambda: tf.data.Dataset.from_tensor_slices((x_val[own], y_val[own])).batch(val_batch))
 
-    class Report(keras.callbacks.Callback):
-        """Checkpoint and report every epoch; stop early consistently on every worker."""
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
-            state["history"].append(row)
-            with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as folder:
-                # Every worker saves (MultiWorkerMirroredStrategy expects it); rank 0's copy is kept.
-                save_model(self.model, Path(folder) / CHECKPOINT_MODEL)
-                (Path(folder) / CHECKPOINT_STATE).write_text(json.dumps(state))
-                ray.train.report(
-                    {**row, "images_per_second": steps * cfg.batch_size * workers / row["seconds"]},
-                    checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
-                    checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
-                )
-            if not improved_recently(state["history"], cfg.early_stopping_patience):
-                self.model.stop_training = True
-
-    callbacks = [recipe.EpochLog(), *[c for c in recipe.schedule_callbacks(cfg)
-                                      if not isinstance(c, keras.callbacks.EarlyStopping)], Report()]
+    callbacks = [recipe.EpochLog(), ReportEachEpoch(state, rank, steps * cfg.batch_size, batch),
+                 *recipe.schedule_callbacks(cfg, earlier=list(state.history))]
     # The stream's cold start (a new augmentation actor process) is set-up, like building the
     # model: `fit`, and with it the first epoch's clock and images/s, starts once data is here.
-    # The run's wall time, which the scaling bench also reports, still includes it.
     rows.wait()
     try:
-        model.fit(inputs, epochs=cfg.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
+        model.fit(inputs, epochs=cfg.epochs, initial_epoch=state.epochs_done, steps_per_epoch=steps,
                   validation_data=validation, validation_steps=val_steps,
                   callbacks=callbacks, verbose=2 if rank == 0 else 0)
     finally:
@@ -212,28 +216,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # --- On the driver ----------------------------------------------------------------------------
 
 
-def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data_dir: Path | str | None = None):
-    """A ``TensorflowTrainer`` over the augmented stream, and the split sizes and checksums it uses."""
+def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData, callbacks: list | None = None):
+    """A ``TensorflowTrainer`` over the augmented stream of ``data``'s training split.
+
+    ``callbacks``: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    if scale.resume_from and not (Path(scale.resume_from) / CHECKPOINT_STATE).is_file():
-        raise ValueError(f"--resume-from {scale.resume_from} is not a checkpoint of this job (no {CHECKPOINT_STATE})")
-    data = load_train_val(cfg.val_fraction, cfg.seed, data_dir)
-    steps_per_epoch(len(data.y_train), cfg.batch_size, scale.workers)  # fail fast on a too-large batch
+    per_worker_batch(cfg.batch_size, scale.workers)  # fail fast, before any worker starts
+    steps_per_epoch(len(data.y_train), cfg.batch_size)
     stream = training_stream(data.x_train, data.y_train, cfg.epochs, cfg.seed, cfg.augment_config(), scale.data)
     resources = {"CPU": scale.cpus_per_worker, **({"GPU": 1} if scale.use_gpu else {})}
-    trainer = TensorflowTrainer(
+    loop = LoopConfig(
+        train=cfg, n_train=len(data.y_train), validation=ray.put((data.x_val, data.y_val)),
+        threads=max(1, math.ceil(scale.cpus_per_worker)),
+        resume_from=str(Path(scale.resume_from).resolve()) if scale.resume_from else None,
+    )
+    return TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.to_dict(),
-            "n_train": len(data.y_train),
-            "validation": ray.put((data.x_val, data.y_val)),
-            "threads": max(1, math.ceil(scale.cpus_per_worker)),
-            # Train V2 has no resume_from_checkpoint: the loop falls back to this when Ray has none.
-            "resume_from": str(Path(scale.resume_from).resolve()) if scale.resume_from else None,
-        },
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(num_workers=scale.workers, use_gpu=scale.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -243,39 +246,35 @@ def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data_dir: Path | str | N
             checkpoint_config=CheckpointConfig(num_to_keep=scale.keep_checkpoints,
                                                checkpoint_score_attribute="val_accuracy",
                                                checkpoint_score_order="max"),
+            callbacks=callbacks,
         ),
         datasets={"train": stream},
     )
-    sizes = {"train": len(data.y_train), "validation": len(data.y_val)}
-    return trainer, sizes, data.md5
 
 
-def best_checkpoint(result) -> tuple[Any, dict[str, Any]]:
-    """The reported checkpoint with the highest validation accuracy (earliest on ties)."""
-    ranked = sorted(result.best_checkpoints, key=lambda cm: (-cm[1]["val_accuracy"], cm[1]["epoch"]))
-    if not ranked:
+def best_checkpoint(result) -> Any:
+    """The kept checkpoint of the best epoch by ``recipe.best_epoch`` (highest val_accuracy, earliest)."""
+    kept = sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"])
+    if not kept:
         raise RuntimeError(f"the run at {result.path} reported no checkpoint; see its logs")
-    return ranked[0]
+    return kept[recipe.best_epoch([metrics for _, metrics in kept])][0]
 
 
-def train(cfg: TrainConfig, scale: ScaleConfig, out_dir: Path | str, data_dir: Path | str | None = None
-          ) -> dict[str, Any]:
-    """Train with Ray Train and write the same artifact folder as single-process training."""
-    trainer, sizes, md5 = build_trainer(cfg, scale, data_dir)
+def fit(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData | None = None,
+        data_dir: Path | str | None = None) -> FitResult:
+    """Train with Ray Train on the training split; the model of the best validation epoch comes back."""
+    data = data if data is not None else load_train_val(cfg.val_fraction, cfg.seed, data_dir)
+    trainer = build_trainer(cfg, scale, data)
     start = time.perf_counter()
     result = trainer.fit()
     wall_seconds = time.perf_counter() - start
-    if result.error:
-        raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
-    best, _ = best_checkpoint(result)
-    model = _load_model(best)
-    latest_state = _read_state(result.checkpoint)  # the history of every epoch, up to the last
-    history = pd.DataFrame(latest_state["history"])
-    extra = {
-        "trained_with": {"runner": "ray_train", "workers": scale.workers, "use_gpu": scale.use_gpu,
-                         "cpus_per_worker": scale.cpus_per_worker, "run_path": str(result.path),
-                         "attempt_start_epochs": latest_state["attempt_starts"]},
-        "wall_seconds": round(wall_seconds, 2),
+    if result.error:  # a worker's exception, after FailureConfig's restarts: a bug, with its traceback
+        raise result.error
+    model = ckpt.load_model(best_checkpoint(result))
+    latest = ckpt.read_state(result.checkpoint)  # the history of every epoch, up to the last
+    trained_with = {
+        "runner": "ray_train", "workers": scale.workers, "per_worker_batch": result.metrics["per_worker_batch"],
+        "use_gpu": scale.use_gpu, "cpus_per_worker": scale.cpus_per_worker, "run_path": str(result.path),
+        "attempt_start_epochs": latest.attempt_starts, "wall_seconds": round(wall_seconds, 2),
     }
-    return finish(model, cfg, history, md5, sizes, float(np.sum(history["seconds"])), out_dir, data_dir,
-                  extra=extra)
+    return FitResult.from_history(model, cfg, latest.history, data, trained_with)

@@ -8,8 +8,8 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from digits_ray.data.mnist import IMAGE_SIZE
 from digits_ray.keras_api import tf
+from digits_ray.schema import IMAGE_SIZE
 
 Batches = Iterable[tuple[np.ndarray, np.ndarray]]
 T = TypeVar("T")

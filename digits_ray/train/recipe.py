@@ -1,11 +1,14 @@
-"""How a zoo model is trained: precision, optimizer, LR schedule, loss, callbacks.
+"""How a zoo model is trained: precision, optimizer, LR schedule, loss, callbacks, and the two rules
+that end a run: which epoch is best, and when to stop early.
 
-Shared by single-process training and Ray Train workers, so both train the same thing.
+Shared by single-process training, Ray Train workers and Tune trials, so all of them train the same
+thing and pick the same epoch.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from digits_ray.config import TrainConfig
@@ -35,9 +38,12 @@ def set_precision(mode: str) -> str:
     return policy
 
 
-def learning_rate(cfg: TrainConfig, steps_per_epoch: int, lr_scale: float = 1.0) -> Any:
-    """A constant LR or a per-step cosine decay with optional linear warmup (one-cycle-like)."""
-    peak = cfg.learning_rate * lr_scale
+def learning_rate(cfg: TrainConfig, steps_per_epoch: int) -> Any:
+    """A constant LR or a per-step cosine decay with optional linear warmup (one-cycle-like).
+
+    ``cfg.learning_rate`` is the peak for the global batch, whatever runs it.
+    """
+    peak = cfg.learning_rate
     if cfg.schedule != "cosine":
         return peak
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
@@ -49,9 +55,9 @@ def learning_rate(cfg: TrainConfig, steps_per_epoch: int, lr_scale: float = 1.0)
     return keras.optimizers.schedules.CosineDecay(peak, decay_steps, alpha=COSINE_FLOOR)
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int, lr_scale: float = 1.0) -> None:
+def compile_model(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) -> None:
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch, lr_scale)),
+        optimizer=keras.optimizers.Adam(learning_rate(cfg, steps_per_epoch)),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         steps_per_execution=cfg.steps_per_execution,
@@ -67,7 +73,8 @@ def current_lr(model: keras.Model) -> float:
 
 
 class EpochLog(keras.callbacks.Callback):
-    """Adds the learning rate, the epoch's seconds and its end (unix time) to each epoch's logs.
+    """Adds the learning rate (of the epoch's last step), the epoch's seconds and its end (unix time)
+    to each epoch's logs.
 
     ``ended_at`` lines epochs up with a run's wall clock, start-up included (the scaling bench's
     wall seconds to a target accuracy).
@@ -83,8 +90,67 @@ class EpochLog(keras.callbacks.Callback):
             logs["ended_at"] = time.time()
 
 
-def schedule_callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
-    """Epoch-level callbacks implied by the config (plateau LR, early stopping)."""
+# --- Which epoch is kept, and when a run stops ---------------------------------------------------
+
+Epochs = Sequence[dict[str, Any]]  # per-epoch logs, oldest first, each with "val_accuracy"
+
+
+def best_epoch(history: Epochs) -> int:
+    """Index of the epoch whose weights are kept: highest validation accuracy, earliest on ties."""
+    if not len(history):
+        raise ValueError("no epoch has been trained")
+    scores = [float(row["val_accuracy"]) for row in history]
+    return scores.index(max(scores))
+
+
+def should_stop(history: Epochs, patience: int) -> bool:
+    """Early stopping: ``patience`` epochs in a row without beating the best before them.
+
+    Decided from the history alone, so a resumed run decides as the interrupted one would have.
+    """
+    if not patience or len(history) <= patience:
+        return False
+    return best_epoch(history) < len(history) - patience
+
+
+class KeepBestWeights(keras.callbacks.Callback):
+    """Holds the best epoch's weights (``best_epoch``'s rule) and restores them when training ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[dict[str, Any]] = []
+        self.weights: list | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.history.append(dict(logs or {}))
+        if best_epoch(self.history) == len(self.history) - 1:
+            self.weights = self.model.get_weights()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
+class StopEarly(keras.callbacks.Callback):
+    """``should_stop`` as a callback, on the history this callback has seen (plus any earlier epochs)."""
+
+    def __init__(self, patience: int, earlier: Epochs = ()) -> None:
+        super().__init__()
+        self.patience = patience
+        self.history = list(earlier)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.history.append(dict(logs or {}))
+        if should_stop(self.history, self.patience):
+            print(f"Epoch {epoch + 1}: early stopping, no val_accuracy gain in {self.patience} epochs")
+            self.model.stop_training = True
+
+
+def schedule_callbacks(cfg: TrainConfig, earlier: Epochs = ()) -> list[keras.callbacks.Callback]:
+    """Epoch-level callbacks implied by the config (plateau LR, early stopping).
+
+    ``earlier``: the epochs a resumed run trained before, which early stopping counts too.
+    """
     callbacks: list[keras.callbacks.Callback] = []
     if cfg.schedule == "plateau":
         callbacks.append(
@@ -93,9 +159,5 @@ def schedule_callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
             )
         )
     if cfg.early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=cfg.early_stopping_patience, verbose=1
-            )
-        )
+        callbacks.append(StopEarly(cfg.early_stopping_patience, earlier))
     return callbacks
