@@ -18,6 +18,7 @@ WORKER_ENV = {
     "TF_USE_LEGACY_KERAS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # per-operator bars from every trial and worker flood the logs
 }
 # Data locations of this process, forwarded so that workers read (or refuse to download) the same files.
 FORWARDED = (DATA_DIR_ENV, CACHE_DIR_ENV, OFFLINE_ENV, MIRRORS_ENV)
@@ -40,8 +41,10 @@ def runtime_env() -> dict[str, Any]:
 def init_ray(num_cpus: float | None = None, address: str | None = None) -> str:
     """Connect to ``address`` (or a running cluster), else start a local instance with ``num_cpus``.
 
-    Returns "cluster" or "local". A local instance's CPU count is set on purpose: training workers,
-    Ray Data actors and Tune trials share it, and their fractional requests are sized to fit it.
+    Returns "cluster" or "local". ``address="local"`` always starts a new local instance (tests, and
+    runs that must not join a cluster running on this machine). A local instance's CPU count is set
+    on purpose: training workers, Ray Data actors and Tune trials share it, and their fractional
+    requests are sized to fit it.
     """
     import ray
 
@@ -49,16 +52,18 @@ def init_ray(num_cpus: float | None = None, address: str | None = None) -> str:
         return "cluster" if address else "local"
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, runtime_env=runtime_env())
         return "cluster"
-    try:
-        ray.init(address="auto", runtime_env=runtime_env())  # a `ray start --head` on this machine
-        return "cluster"
-    except ConnectionError:
-        cpus = num_cpus if num_cpus is not None else os.cpu_count()
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env())
-        return "local"
+    if address != "local":
+        try:
+            ray.init(address="auto", runtime_env=runtime_env())  # a `ray start --head` on this machine
+            return "cluster"
+        except ConnectionError:
+            pass
+    cpus = num_cpus if num_cpus is not None else os.cpu_count()
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env())
+    return "local"
 
 
 def quiet_data_progress() -> None:

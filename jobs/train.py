@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="continue after the epoch of this checkpoint (e.g. RUN/epoch_0003)")
     scale.add_argument("--num-cpus", type=float, default=None,
                        help="CPUs of the embedded local Ray (ignored when a cluster is running)")
-    scale.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, auto)")
+    scale.add_argument("--address", default=None,
+                       help="Ray cluster address (default: RAY_ADDRESS, else a running cluster, else local); "
+                            "'local' always starts an embedded Ray")
     parser.add_argument("--out", type=Path, default=Path("artifacts") / "ray_model", help="artifact folder")
     return parser.parse_args(argv)
 

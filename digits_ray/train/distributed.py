@@ -13,7 +13,6 @@ and the peak LR is the configured one (no rescaling), exactly as in one process.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from digits_ray.errors import ConfigError
 from digits_ray.keras_api import keras
 from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
 from digits_ray.train import recipe
+from digits_ray.train.reporting import ReportEachEpoch
 from digits_ray.train.result import FitResult
 
 DEFAULT_STORAGE = Path.home() / "ray_results" / "digits-ray"
@@ -119,29 +119,6 @@ def batches_to_train(rows: Iterable[dict[str, np.ndarray]], batch_size: int, ski
             return
 
 
-class ReportEachEpoch(keras.callbacks.Callback):
-    """Every epoch, every worker saves a checkpoint (the strategy expects it); rank 0's is reported."""
-
-    def __init__(self, state: ckpt.RunState, rank: int, images_per_epoch: int, per_worker_batch: int):
-        super().__init__()
-        self.state, self.rank, self.images_per_epoch = state, rank, images_per_epoch
-        self.per_worker_batch = per_worker_batch
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        import ray.train
-
-        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
-        self.state.history.append(row)
-        with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as folder:
-            ckpt.write(folder, self.model, self.state)
-            ray.train.report(
-                {**row, "images_per_second": self.images_per_epoch / row["seconds"],
-                 "per_worker_batch": self.per_worker_batch},
-                checkpoint=ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None,
-                checkpoint_dir_name=f"epoch_{epoch + 1:04d}",
-            )
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
@@ -199,8 +176,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     own = shares[rank]
     validation = per_worker(lambda: tf.data.Dataset.from_tensor_slices((x_val[own], y_val[own])).batch(val_batch))
 
-    callbacks = [recipe.EpochLog(), ReportEachEpoch(state, rank, steps * cfg.batch_size, batch),
-                 *recipe.schedule_callbacks(cfg, earlier=list(state.history))]
+    def publish(row: dict[str, Any], folder: str) -> None:
+        ray.train.report(
+            {**row, "images_per_second": steps * cfg.batch_size / row["seconds"], "per_worker_batch": batch},
+            checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
+            checkpoint_dir_name=f"epoch_{row['epoch']:04d}",
+        )
+
+    callbacks = [recipe.EpochLog(), *recipe.schedule_callbacks(cfg, earlier=list(state.history)),
+                 ReportEachEpoch(state, publish)]
     # The stream's cold start (a new augmentation actor process) is set-up, like building the
     # model: `fit`, and with it the first epoch's clock and images/s, starts once data is here.
     rows.wait()

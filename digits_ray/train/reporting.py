@@ -1,0 +1,32 @@
+"""Reporting every epoch to Ray (Train or Tune) with a checkpoint a restarted run can resume from."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from digits_ray import checkpoint as ckpt
+from digits_ray.keras_api import keras
+
+# publish(metrics of the epoch, folder holding its checkpoint): ray.train.report or ray.tune.report.
+Publish = Callable[[dict[str, Any], str], None]
+
+
+class ReportEachEpoch(keras.callbacks.Callback):
+    """The epoch's row joins the run's state, a checkpoint (model + state) is written, then published.
+
+    Under MultiWorkerMirroredStrategy every worker saves (the strategy expects it); ``publish``
+    decides which copy Ray keeps.
+    """
+
+    def __init__(self, state: ckpt.RunState, publish: Publish):
+        super().__init__()
+        self.state, self.publish = state, publish
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        self.state.history.append(row)
+        with tempfile.TemporaryDirectory(prefix="digits-ckpt-") as folder:
+            ckpt.write(folder, self.model, self.state)
+            self.publish(row, folder)

@@ -1,0 +1,1 @@
+"""Ray Tune: search architecture, batch size, LR and augmentation; the winner is tested once and published."""

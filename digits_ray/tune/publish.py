@@ -1,0 +1,156 @@
+"""After the search: choose the winner by validation accuracy, optionally retrain it longer with Ray
+Train, test it once, export it (TFLite float32 and int8), ensemble the top trials, write the report,
+and publish all of it as one registry entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from digits_ray import artifact, plots, registry
+from digits_ray import checkpoint as ckpt
+from digits_ray.config import TrainConfig
+from digits_ray.data.mnist import MnistSplit, load_split
+from digits_ray.data.split import TrainValData
+from digits_ray.errors import DigitsError
+from digits_ray.evaluate import classification_metrics, predict_proba
+from digits_ray.train import distributed
+from digits_ray.train.result import FitResult
+from digits_ray.tune import report, space
+from digits_ray.tune.search import METRIC, SearchConfig, trials_table
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    registry: str | None = None  # None: $DIGITS_REGISTRY, else models/
+    top_k: int = 3  # ensemble members (1 or fewer trials: no ensemble)
+    final_epochs: int = 0  # 0: keep the winning trial's best checkpoint; E: retrain it E epochs with Ray Train
+    final_workers: int = 1
+    final_use_gpu: bool = False
+    final_cpus_per_worker: float = 1.0
+
+
+def _by_path(results: Any) -> dict[str, Any]:
+    return {result.path: result for result in results}
+
+
+def _trial_model(result: Any) -> tuple[Any, ckpt.RunState]:
+    """A trial's model at its best epoch (``recipe.best_epoch`` over the checkpoints Tune kept)."""
+    return ckpt.load(distributed.best_checkpoint(result))
+
+
+def _trial_fit(result: Any, cfg: TrainConfig, data: TrainValData) -> FitResult:
+    model, _ = _trial_model(result)
+    history = result.metrics_dataframe.sort_values("epoch")
+    rows = history[[c for c in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
+                                "ended_at") if c in history]].to_dict("records")
+    return FitResult.from_history(model, cfg, rows, data, {"runner": "tune_trial", "trial_path": result.path,
+                                                           "per_worker_batch": cfg.batch_size, "workers": 1})
+
+
+def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish: PublishConfig,
+               data: TrainValData) -> FitResult:
+    """The best trial's model, or (``final_epochs``) its config retrained longer with Ray Train."""
+    best = _by_path(results)[table.iloc[0]["path"]]
+    base = TrainConfig(**{**search.base.to_dict(), "epochs": search.max_epochs})
+    cfg = space.train_config(best.config, base)
+    if not publish.final_epochs:
+        return _trial_fit(best, cfg, data)
+    cfg = dataclasses.replace(cfg, epochs=publish.final_epochs)
+    scale = distributed.ScaleConfig(
+        workers=publish.final_workers, use_gpu=publish.final_use_gpu, cpus_per_worker=publish.final_cpus_per_worker,
+        storage_path=search.storage_path, name=f"{search.name}-final", keep_checkpoints=2, max_failures=1)
+    distributed.per_worker_batch(cfg.batch_size, scale.workers)
+    return distributed.fit(cfg, scale, data)
+
+
+def _test_figures(model: Any, test: MnistSplit) -> tuple[dict[str, Any], np.ndarray]:
+    probs = predict_proba(model, test.images)
+    metrics = classification_metrics(probs, test.labels)
+    return {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_count": metrics["count"],
+            "data_md5": test.md5}, probs
+
+
+def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: TrainValData, test: MnistSplit,
+                      out: Path, winner_metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The top-k trials' best epochs averaged, as an artifact folder; its one test evaluation included."""
+    from digits_ray.ensemble import build_ensemble
+
+    rows = table[table["error"] == ""].head(top_k)
+    if len(rows) < 2:
+        return None
+    by_path = _by_path(results)
+    members = [_trial_model(by_path[path])[0] for path in rows["path"]]
+    model = build_ensemble(members)
+    val = classification_metrics(predict_proba(model, data.x_val), data.y_val)
+    test_figures, _ = _test_figures(model, test)
+    metadata = {
+        "model": "ensemble",
+        "model_params": {"members": rows[["trial_id", "model", "val_accuracy"]].to_dict("records"),
+                         "combination": "mean of probabilities"},
+        "train_config": winner_metadata["train_config"],
+        "data_md5": {**winner_metadata["data_md5"]},
+        "split_sizes": winner_metadata["split_sizes"],
+        "versions": artifact.library_versions(),
+        "training_seconds": float(rows["training_seconds"].sum()),
+        "validation": {"best_epoch": None, "val_accuracy": val["accuracy"], "val_loss": val["loss"]},
+        "trained_with": {"runner": "ensemble", "members": len(members)},
+        "test_accuracy": test_figures["test_accuracy"],
+        "test_loss": test_figures["test_loss"],
+    }
+    history = rows[["trial_id", "model", "val_accuracy", "val_loss", "best_epoch"]]
+    artifact.write_artifact(out, model, metadata, history)
+    return metadata
+
+
+def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, data: TrainValData,
+                   data_dir: Path | str | None, settings: dict[str, Any]) -> Path:
+    """Everything after the search, as one registry entry; returns its folder."""
+    from digits_ray.export import export_tflite
+
+    table = trials_table(results)
+    if table.empty:
+        raise DigitsError(f"no trial of the search at {search.experiment_path} reported a validation accuracy; "
+                          f"see the trials' error.txt files there")
+    fitted = winner_fit(table, results, search, publish, data)
+    test = load_split("test", data_dir)  # the test set, read once, for the models this entry keeps
+
+    def build(entry: Path) -> dict[str, Any]:
+        test_figures, probs = _test_figures(fitted.model, test)
+        metadata = fitted.write_artifact(entry, test=test_figures)
+        plots.history(fitted.history, entry / registry.SEARCH_DIR / "winner_history.png")
+        plots.confusion(np.asarray(classification_metrics(probs, test.labels)["confusion_matrix"]),
+                        entry / registry.SEARCH_DIR / "winner_confusion_matrix.png")
+        histories = {}
+        for trial_id, path in zip(table["trial_id"], table["path"]):
+            frame = _by_path(results)[path].metrics_dataframe
+            histories[trial_id] = frame.sort_values("epoch")[["epoch", METRIC]]
+        report.write(table, histories, entry / registry.SEARCH_DIR)
+        tflite = export_tflite(fitted.model, entry / registry.TFLITE_DIR, data.x_train, test.images, test.labels,
+                               metadata["test_accuracy"], seed=search.seed)
+        artifact.write_json_atomic(entry / registry.TFLITE_DIR / "tflite.json", tflite)
+        ensemble = ensemble_artifact(table, results, publish.top_k, data, test, entry / registry.ENSEMBLE_DIR,
+                                     metadata)
+        summary = {
+            "model": metadata["model"],
+            "val_accuracy": metadata["validation"]["val_accuracy"],
+            "test_accuracy": metadata["test_accuracy"],
+            "tflite_int8_test_accuracy": tflite["int8"]["test_accuracy"],
+            "ensemble_test_accuracy": ensemble["test_accuracy"] if ensemble else None,
+            "trials": len(table),
+            "experiment_path": str(search.experiment_path),
+        }
+        artifact.write_json_atomic(entry / registry.SEARCH_DIR / "search.json", {
+            **summary, "settings": settings, "winner_config": _by_path(results)[table.iloc[0]["path"]].config,
+            "trained_with": metadata["trained_with"], "tflite": tflite,
+            "ensemble_members": ensemble["model_params"]["members"] if ensemble else [],
+        })
+        return summary
+
+    return registry.publish(publish.registry, registry.entry_name(search.name), build)

@@ -1,0 +1,149 @@
+"""Ray Tune job: search architecture, batch size, LR and augmentation; test the winner once; publish it.
+
+    ray job submit --working-dir . -- python jobs/tune.py --time-budget 60m
+    python jobs/tune.py --smoke                         # a few 1-epoch trials on the small subset
+    python jobs/tune.py --resume --name tune            # continue an interrupted search
+
+The winner (by validation accuracy), its TFLite exports, an ensemble of the top trials and the search
+report become one entry of the model registry (--registry, $DIGITS_REGISTRY, default models/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout or a Ray working dir
+
+from digits_ray.config import MIXED_PRECISION_MODES, TrainConfig  # noqa: E402
+from digits_ray.data.split import load_train_val  # noqa: E402
+from digits_ray.errors import ConfigError, DigitsError  # noqa: E402
+from digits_ray.models.zoo import MODELS  # noqa: E402
+from digits_ray.ray_backend import init_ray, quiet_data_progress  # noqa: E402
+from digits_ray.train.distributed import DEFAULT_STORAGE  # noqa: E402
+from digits_ray.tune.publish import PublishConfig, publish_search  # noqa: E402
+from digits_ray.tune.search import SearchConfig, run  # noqa: E402
+from digits_ray.tune.space import SpaceConfig  # noqa: E402
+
+SEARCH, PUBLISH = SearchConfig(), PublishConfig()
+SMALL_MNIST = ROOT / "tests" / "data" / "mnist-small"
+# --smoke: a few 1-epoch trials on the small subset, for tests and a first look.
+SMOKE = {"num_samples": 3, "max_epochs": 1, "time_budget": "10m", "top_k": 2}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``60m``, ``1.5h`` or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 60m or 1.5h; got {text!r}")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    budget = parser.add_argument_group("budget")
+    budget.add_argument("--smoke", action="store_true",
+                        help=f"a quick search: {SMOKE}, small subset unless --data-dir")
+    budget.add_argument("--num-samples", type=int, default=None, help=f"trials (default {SEARCH.num_samples})")
+    budget.add_argument("--max-epochs", type=int, default=None, help=f"per trial (default {SEARCH.max_epochs})")
+    budget.add_argument("--grace-epochs", type=int, default=SEARCH.grace_epochs,
+                        help="ASHA judges a trial after this many epochs at the earliest")
+    budget.add_argument("--time-budget", type=parse_duration, default=None, metavar="DURATION",
+                        help="wall-clock budget of the search, e.g. 60m (default 60m)")
+    space = parser.add_argument_group("search space")
+    space.add_argument("--models", nargs="+", default=list(SpaceConfig().models), choices=list(MODELS))
+    space.add_argument("--min-batch", type=int, default=SpaceConfig().min_batch, help="global batch, power of 2")
+    space.add_argument("--max-batch", type=int, default=SpaceConfig().max_batch)
+    space.add_argument("--min-lr", type=float, default=SpaceConfig().min_lr)
+    space.add_argument("--max-lr", type=float, default=SpaceConfig().max_lr)
+    space.add_argument("--no-augment", action="store_true", help="search without augmentation only")
+    space.add_argument("--seed", type=int, default=SEARCH.seed, help="Optuna's sampler, splits, training")
+    space.add_argument("--val-fraction", type=float, default=TrainConfig().val_fraction)
+    space.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_MODES)
+    place = parser.add_argument_group("resources (defaults: what the cluster has)")
+    place.add_argument("--trials-at-once", type=int, default=None)
+    place.add_argument("--cpus-per-trial", type=float, default=SEARCH.cpus_per_trial, help="a fraction is fine")
+    place.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 where the cluster has GPUs")
+    place.add_argument("--workers-per-trial", type=int, default=0,
+                       help="N: each trial is a Ray Train run with N workers (GPU clusters); 0: one process")
+    place.add_argument("--num-cpus", type=float, default=None, help="CPUs of the embedded local Ray")
+    place.add_argument("--address", default=None,
+                       help="Ray cluster address (default: RAY_ADDRESS, else a running cluster, else local); "
+                            "'local' always starts an embedded Ray")
+    where = parser.add_argument_group("where")
+    where.add_argument("--storage-path", default=str(DEFAULT_STORAGE), help="where Tune keeps the experiment")
+    where.add_argument("--name", default=SEARCH.name, help="experiment name under --storage-path")
+    where.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    where.add_argument("--data-dir", type=Path, default=None, help="MNIST IDX folder (default $DIGITS_DATA_DIR)")
+    where.add_argument("--registry", default=None, help="model registry folder (default $DIGITS_REGISTRY, models/)")
+    after = parser.add_argument_group("after the search")
+    after.add_argument("--top-k", type=int, default=None, help=f"ensemble members (default {PUBLISH.top_k})")
+    after.add_argument("--final-epochs", type=int, default=0, help="retrain the winner this long with Ray Train")
+    after.add_argument("--final-workers", type=int, default=1)
+    after.add_argument("--final-use-gpu", action="store_true")
+    return parser.parse_args(argv)
+
+
+def configs(args: argparse.Namespace) -> tuple[SearchConfig, PublishConfig, Path | None]:
+    smoke = SMOKE if args.smoke else {}
+    data_dir = args.data_dir or (SMALL_MNIST if args.smoke else None)
+    budget = args.time_budget if args.time_budget is not None else parse_duration(smoke.get("time_budget", "60m"))
+    search = SearchConfig(
+        num_samples=args.num_samples or smoke.get("num_samples", SEARCH.num_samples),
+        max_epochs=args.max_epochs or smoke.get("max_epochs", SEARCH.max_epochs),
+        grace_epochs=min(args.grace_epochs, args.max_epochs or smoke.get("max_epochs", SEARCH.max_epochs)),
+        time_budget_s=budget, trials_at_once=args.trials_at_once, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial, seed=args.seed,
+        storage_path=args.storage_path, name=args.name,
+        space=SpaceConfig(models=tuple(args.models), min_batch=args.min_batch, max_batch=args.max_batch,
+                          min_lr=args.min_lr, max_lr=args.max_lr,
+                          augment_choices=("off",) if args.no_augment else SpaceConfig().augment_choices),
+        base=TrainConfig(val_fraction=args.val_fraction, seed=args.seed, mixed_precision=args.mixed_precision),
+    )
+    if args.final_epochs < 0 or args.final_workers < 1:
+        raise ConfigError(f"--final-epochs must be >= 0 and --final-workers >= 1; got {args.final_epochs}, "
+                          f"{args.final_workers}")
+    publish = PublishConfig(registry=args.registry, top_k=args.top_k or smoke.get("top_k", PUBLISH.top_k),
+                            final_epochs=args.final_epochs, final_workers=args.final_workers,
+                            final_use_gpu=args.final_use_gpu)
+    return search, publish, data_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        search, publish, data_dir = configs(args)
+        data = load_train_val(search.base.val_fraction, search.base.seed, data_dir)
+    except DigitsError as err:  # the user can fix it: one line; anything else keeps its traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    mode = init_ray(args.num_cpus, args.address)
+    quiet_data_progress()
+    print(f"Ray: {mode}; search {search.experiment_path}: {search.num_samples} trials of up to "
+          f"{search.max_epochs} epochs, budget {search.time_budget_s:.0f} s", flush=True)
+    start = time.perf_counter()
+    try:
+        results = run(search, data, resume=args.resume)
+        search_seconds = time.perf_counter() - start
+        settings = {"argv": sys.argv[1:], "search_seconds": round(search_seconds, 1)}
+        entry = publish_search(results, search, publish, data, data_dir, settings)
+    except DigitsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = json.loads((entry / "search" / "search.json").read_text())
+    summary.pop("settings", None)
+    print(json.dumps({k: summary[k] for k in ("model", "val_accuracy", "test_accuracy",
+                                              "tflite_int8_test_accuracy", "ensemble_test_accuracy", "trials")},
+                     indent=2))
+    print(f"search took {search_seconds:.0f} s, everything {time.perf_counter() - start:.0f} s; "
+          f"registry entry {entry}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
