@@ -62,7 +62,9 @@ def init_ray(num_cpus: float | None = None, address: str | None = None) -> str:
         except ConnectionError:
             pass
     cpus = num_cpus if num_cpus is not None else os.cpu_count()
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env())
+    # The dashboard (on 127.0.0.1) serves Ray's State API, which Ray Train's placement-group cleaner
+    # needs to free the resources of a run whose controller was killed (a trial Tune stopped).
+    ray.init(num_cpus=cpus, include_dashboard=True, runtime_env=runtime_env())
     return "local"
 
 

@@ -27,7 +27,7 @@ from digits_ray.models.zoo import MODELS  # noqa: E402
 from digits_ray.ray_backend import init_ray, quiet_data_progress  # noqa: E402
 from digits_ray.train.distributed import DEFAULT_STORAGE  # noqa: E402
 from digits_ray.tune.publish import PublishConfig, publish_search  # noqa: E402
-from digits_ray.tune.search import SearchConfig, run  # noqa: E402
+from digits_ray.tune.search import SearchConfig, check_experiment_path, run  # noqa: E402
 from digits_ray.tune.space import SpaceConfig  # noqa: E402
 
 SEARCH, PUBLISH = SearchConfig(), PublishConfig()
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         search, publish, data_dir = configs(args)
+        check_experiment_path(search.experiment_path, args.resume)
         data = load_train_val(search.base.val_fraction, search.base.seed, data_dir)
     except DigitsError as err:  # the user can fix it: one line; anything else keeps its traceback
         print(f"error: {err}", file=sys.stderr)

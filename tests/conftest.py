@@ -34,6 +34,7 @@ def ray_local(tmp_path_factory):
     from digits_ray.ray_backend import runtime_env
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
+    # The dashboard serves the State API that Ray Train's placement-group cleaner needs (Tune tests).
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, runtime_env=runtime_env())
     yield tmp_path_factory.mktemp("ray_storage")
     ray.shutdown()

@@ -236,11 +236,12 @@ def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData, call
     )
 
 
-def best_checkpoint(result) -> Any:
-    """The kept checkpoint of the best epoch by ``recipe.best_epoch`` (highest val_accuracy, earliest)."""
-    kept = sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"])
+def best_checkpoint(kept: list[tuple[Any, dict[str, Any]]], run_path: str) -> Any:
+    """Of a run's kept (checkpoint, metrics), the best epoch's by ``recipe.best_epoch`` (highest
+    val_accuracy, earliest on ties)."""
+    kept = sorted(kept, key=lambda cm: cm[1]["epoch"])
     if not kept:
-        raise RuntimeError(f"the run at {result.path} reported no checkpoint; see its logs")
+        raise RuntimeError(f"the run at {run_path} kept no checkpoint; see its logs")
     return kept[recipe.best_epoch([metrics for _, metrics in kept])][0]
 
 
@@ -254,7 +255,7 @@ def fit(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData | None = None,
     wall_seconds = time.perf_counter() - start
     if result.error:  # a worker's exception, after FailureConfig's restarts: a bug, with its traceback
         raise result.error
-    model = ckpt.load_model(best_checkpoint(result))
+    model = ckpt.load_model(best_checkpoint(result.best_checkpoints, result.path))
     latest = ckpt.read_state(result.checkpoint)  # the history of every epoch, up to the last
     trained_with = {
         "runner": "ray_train", "workers": scale.workers, "per_worker_batch": result.metrics["per_worker_batch"],

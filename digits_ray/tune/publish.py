@@ -22,7 +22,7 @@ from digits_ray.errors import DigitsError
 from digits_ray.evaluate import classification_metrics, predict_proba
 from digits_ray.train import distributed
 from digits_ray.train.result import FitResult
-from digits_ray.tune import report, space
+from digits_ray.tune import report, space, trial
 from digits_ray.tune.search import METRIC, SearchConfig, trials_table
 
 
@@ -41,8 +41,8 @@ def _by_path(results: Any) -> dict[str, Any]:
 
 
 def _trial_model(result: Any) -> tuple[Any, ckpt.RunState]:
-    """A trial's model at its best epoch (``recipe.best_epoch`` over the checkpoints Tune kept)."""
-    return ckpt.load(distributed.best_checkpoint(result))
+    """A trial's model at its best epoch (``recipe.best_epoch`` over the checkpoints it kept)."""
+    return ckpt.load(distributed.best_checkpoint(trial.checkpoints(result), result.path))
 
 
 def _trial_fit(result: Any, cfg: TrainConfig, data: TrainValData) -> FitResult:

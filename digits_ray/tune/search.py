@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from digits_ray.config import TrainConfig
+from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import ConfigError, DigitsError
 from digits_ray.train.distributed import DEFAULT_STORAGE, ScaleConfig
@@ -21,6 +22,7 @@ from digits_ray.tune import space, trial
 
 METRIC, MODE = "val_accuracy", "max"
 TIME_ATTR = "epoch"  # ASHA's clock: our own epoch count, which survives trial restarts
+TRIAL_DRIVER_CPU = 0.01  # a Ray Train trial only waits on its controller (Tune refuses 0)
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,15 @@ def trainable(search: SearchConfig, data: TrainValData):
     base = TrainConfig(**{**search.base.to_dict(), "epochs": search.max_epochs})
     gpus = search.gpus_per_trial if search.gpus_per_trial is not None else (1.0 if cluster_gpus() else 0.0)
     if search.workers_per_trial:
+        # One augmentation actor per trial, a quarter CPU: on 2 cores a 2 x 0.5-CPU trial then fits
+        # with room to spare, and on a cluster trials at once scale with the CPUs.
         scale = ScaleConfig(workers=search.workers_per_trial, use_gpu=gpus > 0,
-                            cpus_per_worker=search.cpus_per_trial, keep_checkpoints=2, max_failures=1)
-        fn = tune.with_parameters(trial.ray_train_trial, data=data, base=base, scale=scale)
+                            cpus_per_worker=search.cpus_per_trial, keep_checkpoints=2, max_failures=1,
+                            data=StreamConfig(concurrency=1, cpus_per_actor=0.25))
+        fn = tune.with_parameters(trial.ray_train_trial, data=data, base=base, scale=scale,
+                                  experiment=str(search.experiment_path.resolve()))
         # The trial itself only waits on its Ray Train controller; the workers hold the resources.
-        return tune.with_resources(fn, {"cpu": 0.01}), scale
+        return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPU}), scale
     threads = max(1, math.ceil(search.cpus_per_trial))
     fn = tune.with_parameters(trial.single_process_trial, data=data, base=base, threads=threads)
     return tune.with_resources(fn, {"cpu": search.cpus_per_trial, "gpu": gpus}), None
@@ -96,8 +102,9 @@ def trials_at_once(search: SearchConfig, scale: ScaleConfig | None) -> int:
     if search.trials_at_once:
         return search.trials_at_once
     resources = ray.cluster_resources()
-    if scale is not None:  # a Ray Train run per trial: its workers plus its augmentation actors
-        per_trial = scale.workers * scale.cpus_per_worker + scale.data.concurrency * scale.data.cpus_per_actor
+    if scale is not None:  # a Ray Train run per trial: its workers, its augmentation actor and itself
+        per_trial = (scale.workers * scale.cpus_per_worker + scale.data.concurrency * scale.data.cpus_per_actor
+                     + TRIAL_DRIVER_CPU)
         by_gpu = resources.get("GPU", 0) // scale.workers if scale.use_gpu else math.inf
     else:
         per_trial = search.cpus_per_trial
@@ -105,14 +112,28 @@ def trials_at_once(search: SearchConfig, scale: ScaleConfig | None) -> int:
     return int(max(1, min(resources.get("CPU", 1) // per_trial, by_gpu)))
 
 
-def trial_name(trial: Any) -> str:
-    """Short trial folders (Tune's default packs every sampled value into the name)."""
-    return f"trial_{trial.trial_id}"
+def _trial_name(t: Any) -> str:
+    return trial.trial_name_of(t.trial_id)
 
 
 def has_snapshot(path: Path) -> bool:
     """Whether Tune wrote an experiment state here: without one, a tuner file alone cannot be restored."""
     return any(path.glob("experiment_state-*.json"))
+
+
+def check_experiment_path(path: Path, resume: bool) -> None:
+    """A new search needs a fresh folder; a resumed one, a folder Tune can restore (checked before Ray starts)."""
+    from ray import tune
+
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise DigitsError(f"--resume: no search to resume at {path} (check --storage-path and --name)")
+        if not has_snapshot(path):
+            raise DigitsError(
+                f"--resume: the search at {path} stopped before Tune saved its first snapshot, so there is "
+                f"nothing to continue; delete that folder and start the search again without --resume")
+    elif path.exists() and any(path.iterdir()):
+        raise DigitsError(f"{path} already holds a search: continue it with --resume, or give a new --name")
 
 
 def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
@@ -121,18 +142,11 @@ def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    path = search.experiment_path
+    check_experiment_path(search.experiment_path, resume)
     fn, scale = trainable(search, data)
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise DigitsError(f"--resume: no search to resume at {path} (check --storage-path and --name)")
-        if not has_snapshot(path):
-            raise DigitsError(
-                f"--resume: the search at {path} stopped before Tune saved its first snapshot, so there is "
-                f"nothing to continue; delete that folder and start the search again without --resume")
-        return tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=True)
-    if path.exists() and any(path.iterdir()):
-        raise DigitsError(f"{path} already holds a search: continue it with --resume, or give a new --name")
+        return tune.Tuner.restore(str(search.experiment_path), trainable=fn, resume_unfinished=True,
+                                  resume_errored=True)
     searcher = OptunaSearch(functools.partial(space.define_space, space=search.space),
                             metric=METRIC, mode=MODE, seed=search.seed)
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=search.max_epochs,
@@ -142,7 +156,7 @@ def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=search.num_samples,
             max_concurrent_trials=trials_at_once(search, scale), time_budget_s=search.time_budget_s,
-            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=search.name,

@@ -16,8 +16,26 @@ from digits_ray.data.split import TrainValData
 from digits_ray.tune import space
 
 
-def epoch_checkpoint_name(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
+def trial_name_of(trial_id: str) -> str:
+    """A trial's name and folder (Tune's default packs every sampled value into it)."""
+    return f"trial_{trial_id}"
+
+
+def checkpoints(result: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """A finished trial's checkpoints with their metrics, whichever kind of trial reported them.
+
+    One-process trials report Tune checkpoints; Ray Train trials report each checkpoint's path as the
+    metric ``checkpoint_path`` (``TuneReportCallback``), and Ray Train keeps the best of them.
+    """
+    from ray.tune import Checkpoint
+
+    found = list(result.best_checkpoints)
+    history = result.metrics_dataframe
+    if not found and history is not None and "checkpoint_path" in history:
+        for row in history.dropna(subset=["checkpoint_path"]).to_dict("records"):
+            if ckpt.is_checkpoint(row["checkpoint_path"]):  # Ray Train deletes all but the best few
+                found.append((Checkpoint.from_directory(row["checkpoint_path"]), row))
+    return found
 
 
 def single_process_trial(config: dict[str, Any], data: TrainValData, base: TrainConfig, threads: int) -> None:
@@ -49,11 +67,16 @@ def single_process_trial(config: dict[str, Any], data: TrainValData, base: Train
     local.train_epochs(model, cfg, data, callbacks, start_epoch=state.epochs_done, verbose=0)
 
 
-def ray_train_trial(config: dict[str, Any], data: TrainValData, base: TrainConfig, scale: Any) -> None:
+TRAIN_RUN = "train"  # the Ray Train run of a trial: <experiment>/<trial folder>/train
+
+
+def ray_train_trial(config: dict[str, Any], data: TrainValData, base: TrainConfig, scale: Any,
+                    experiment: str) -> None:
     """A function trainable that runs Ray Train (Train V2: the trainer is built here and ``fit()`` called).
 
-    ``TuneReportCallback`` forwards the workers' reports and checkpoints to Tune; after a restart the
-    trial's latest checkpoint is handed to the workers, which continue at its next epoch.
+    ``TuneReportCallback`` forwards the workers' reports to Tune, each with the path of its checkpoint
+    (``checkpoint_path``), which Ray Train keeps in the experiment's storage, beside the trial's results.
+    A restarted trial finds the same Ray Train run there and continues from its latest checkpoint.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -61,12 +84,8 @@ def ray_train_trial(config: dict[str, Any], data: TrainValData, base: TrainConfi
     from digits_ray.train import distributed
 
     cfg = space.train_config(config, base)
-    context = tune.get_context()
-    checkpoint = tune.get_checkpoint()
-    scale = dataclasses.replace(
-        scale, name=f"train_{context.get_trial_id()}", storage_path=context.get_trial_dir(),
-        resume_from=checkpoint.path if checkpoint else None,
-    )
+    trial_folder = trial_name_of(tune.get_context().get_trial_id())
+    scale = dataclasses.replace(scale, name=TRAIN_RUN, storage_path=f"{experiment}/{trial_folder}")
     trainer = distributed.build_trainer(cfg, scale, data, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error:
