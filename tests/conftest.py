@@ -27,6 +27,15 @@ def small_mnist() -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_only_mnist(tmp_path_factory) -> Path:
+    """The small subset without its test files: a run that opens the test split fails on it."""
+    folder = tmp_path_factory.mktemp("train-only")
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "checksums.md5"):
+        (folder / name).write_bytes((SMALL_MNIST / name).read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """A 2-CPU local Ray instance shared by every test that needs one (as on the 2-core CI)."""
     import ray

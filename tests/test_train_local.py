@@ -123,15 +123,11 @@ def test_early_stopping_and_plateau_schedule(small_mnist):
     assert history["lr"].min() <= 3e-3 * recipe.PLATEAU_FACTOR * 1.0001  # the plateau callback halved it
 
 
-def test_a_trial_style_fit_never_opens_the_test_files(small_mnist, tmp_path, monkeypatch):
+def test_a_trial_style_fit_never_opens_the_test_files(train_only_mnist, monkeypatch):
     """Fitting (what a Tune trial runs) reads the training split only; the test split is for entry points."""
     from digits_ray.data import mnist
     from digits_ray.train.local import fit
 
-    train_only = tmp_path / "train-only"
-    train_only.mkdir()
-    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", mnist.MANIFEST_NAME):
-        (train_only / name).write_bytes((small_mnist / name).read_bytes())
     real_locate = mnist.locate
     opened: list[str] = []
 
@@ -141,7 +137,7 @@ def test_a_trial_style_fit_never_opens_the_test_files(small_mnist, tmp_path, mon
         return real_locate(spec, data_dir)
 
     monkeypatch.setattr(mnist, "locate", locate_train_only)
-    monkeypatch.setenv("DIGITS_DATA_DIR", str(train_only))  # no test files anywhere this run could look
+    monkeypatch.setenv("DIGITS_DATA_DIR", str(train_only_mnist))  # no test files anywhere this run could look
     cfg = TrainConfig(model="dense", epochs=1, batch_size=128, augment={})
     fitted = fit(cfg, load_train_val(cfg.val_fraction, cfg.seed), verbose=0)
     assert fitted.best["val_accuracy"] > 0.5 and "test_accuracy" not in fitted.metadata()

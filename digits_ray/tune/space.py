@@ -42,24 +42,26 @@ class SpaceConfig:
 
 
 def define_space(trial: Any, space: SpaceConfig) -> None:
-    """Optuna's define-by-run space: conditional hyperparameters per architecture and augmentation."""
+    """Optuna's define-by-run space: conditional hyperparameters per architecture and augmentation.
+
+    A name shared by several architectures has one range for all (Optuna refuses a categorical
+    whose choices change between trials).
+    """
     model = trial.suggest_categorical("model", list(space.models))
+    trial.suggest_float("p_dropout", 0.0, 0.6)  # every architecture has a dropout before its head
     if model == "dense":
         trial.suggest_categorical("p_hidden", [64, 128, 256, 512])
-        trial.suggest_float("p_dropout", 0.0, 0.5)
     elif model in CNN_MODELS:
         trial.suggest_categorical("p_base_filters", [16, 32, 48])
-        trial.suggest_categorical("p_dense", [64, 128, 256])
+        trial.suggest_categorical("p_dense", [64, 128, 256, 512])
         trial.suggest_float("p_conv_dropout", 0.0, 0.4)
-        trial.suggest_float("p_dropout", 0.1, 0.6)
         trial.suggest_categorical("p_pool_after_each", [False, True])
         if model == "cnn_bn":
             trial.suggest_float("p_bn_momentum", 0.8, 0.99)
     else:  # cnn_deep
         trial.suggest_categorical("p_base_width", [16, 32, 48])
-        trial.suggest_categorical("p_dense", [128, 256, 512])
+        trial.suggest_categorical("p_dense", [64, 128, 256, 512])
         trial.suggest_float("p_conv_dropout", 0.0, 0.4)
-        trial.suggest_float("p_dropout", 0.1, 0.6)
         trial.suggest_float("p_l2", 1e-6, 1e-3, log=True)
         trial.suggest_float("p_bn_momentum", 0.8, 0.99)
     low, high = space.min_batch.bit_length() - 1, space.max_batch.bit_length() - 1

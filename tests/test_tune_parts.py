@@ -1,0 +1,185 @@
+"""The parts of the Tune job that need no Ray: search space, registry, ensemble, TFLite export, options."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from digits_ray import artifact, registry
+from digits_ray.config import TrainConfig
+from digits_ray.models.zoo import build_model
+from digits_ray.tune import space
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "tune.py"
+
+
+def test_the_space_samples_valid_configs_with_conditional_hyperparameters():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen_models, batches = set(), set()
+    for _ in range(80):
+        trial = study.ask()
+        space.define_space(trial, space.SpaceConfig())
+        params = trial.params
+        cfg = space.train_config(params, TrainConfig(epochs=3))
+        seen_models.add(cfg.model)
+        batches.add(cfg.batch_size)
+        assert cfg.epochs == 3 and 1e-4 <= cfg.learning_rate <= 3e-2
+        assert ("p_bn_momentum" in params) == (cfg.model in ("cnn_bn", "cnn_deep"))
+        assert ("p_base_filters" in params) == (cfg.model in space.CNN_MODELS)
+        assert ("p_l2" in params) == (cfg.model == "cnn_deep")
+        assert (cfg.augment is None) == (params["augment"] == "off")
+        assert ("warmup_epochs" in params) == (params["schedule"] == "cosine")
+        if cfg.model == "cnn_deep":
+            base = params["p_base_width"]
+            assert cfg.model_params["widths"] == (base, 2 * base, 4 * base)
+        study.tell(trial, 0.5)
+    assert seen_models == {"dense", "cnn_basic", "cnn_nobn", "cnn_bn", "cnn_deep"}
+    assert batches <= {32, 64, 128, 256, 512, 1024, 2048} and {32, 2048} <= batches
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"models": ("resnet",)}, "unknown model(s) ['resnet']"),
+    ({"min_batch": 48}, "powers of two"),
+    ({"min_lr": 0.1, "max_lr": 0.01}, "LR range"),
+])
+def test_bad_space_options(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        space.SpaceConfig(**kwargs)
+
+
+# --- Registry ---------------------------------------------------------------------------------
+
+
+def tiny_entry(val_accuracy: float):
+    """A build function that writes a real (untrained) artifact with the given validation accuracy."""
+    def build(folder: Path) -> dict:
+        metadata = {"model": "dense", "model_params": {}, "train_config": TrainConfig().to_dict(),
+                    "data_md5": {}, "versions": {}, "training_seconds": 0.0,
+                    "validation": {"best_epoch": 1, "val_accuracy": val_accuracy, "val_loss": 0.1}}
+        artifact.write_artifact(folder, build_model("dense", {"hidden": 8}), metadata,
+                                pd.DataFrame({"epoch": [1], "val_accuracy": [val_accuracy]}))
+        return {"val_accuracy": val_accuracy}
+    return build
+
+
+def test_registry_names_the_best_by_validation_and_never_keeps_a_half_entry(tmp_path):
+    with pytest.raises(registry.RegistryError, match="no published model yet"):
+        registry.best_entry(tmp_path)
+    first = registry.publish(tmp_path, "a", tiny_entry(0.90))
+    assert registry.best_entry(tmp_path) == first and artifact.is_artifact(first)
+
+    def fails_half_way(folder: Path) -> dict:
+        tiny_entry(0.99)(folder)
+        (folder / "search").mkdir()
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        registry.publish(tmp_path, "b", fails_half_way)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "a", "index.json"]  # no half entry
+    assert registry.read_index(tmp_path)["best"] == "a"
+
+    registry.publish(tmp_path, "c", tiny_entry(0.80))  # worse: published, not best
+    assert registry.read_index(tmp_path)["best"] == "a"
+    registry.publish(tmp_path, "d", tiny_entry(0.95))
+    index = json.loads((tmp_path / registry.INDEX_FILE).read_text())
+    assert index["best"] == "d" and set(index["entries"]) == {"a", "c", "d"}
+    with pytest.raises(registry.RegistryError, match="never overwritten"):
+        registry.publish(tmp_path, "d", tiny_entry(0.99))
+
+
+def test_registry_location_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(tmp_path / "elsewhere"))
+    assert registry.registry_path() == tmp_path / "elsewhere"
+    assert registry.registry_path("given") == Path("given")
+
+
+# --- Ensemble and TFLite ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_pair(small_mnist):
+    from digits_ray.data.mnist import load_split
+    from digits_ray.keras_api import keras
+
+    train, test = load_split("train", small_mnist), load_split("test", small_mnist)
+    models = []
+    for seed in (0, 1):
+        keras.utils.set_random_seed(seed)
+        model = build_model("cnn_basic", {"filters": [8, 16], "dense": 32})
+        model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.fit(train.images, train.labels, batch_size=128, epochs=1, verbose=0)
+        models.append(model)
+    return models, train, test
+
+
+def test_an_ensemble_saves_and_loads_like_any_model(trained_pair, tmp_path):
+    from digits_ray.ensemble import build_ensemble
+
+    members, _, test = trained_pair
+    expected = np.mean([m.predict(test.images[:64], verbose=0) for m in members], axis=0)
+    ensemble = build_ensemble(members)
+    metadata = {"model": "ensemble", "model_params": {}, "train_config": {}, "data_md5": {}, "versions": {},
+                "training_seconds": 0.0, "validation": {"best_epoch": None, "val_accuracy": 0.9, "val_loss": 0.1}}
+    artifact.write_artifact(tmp_path / "ens", ensemble, metadata, pd.DataFrame({"member": [0, 1]}))
+    loaded = artifact.load_model(tmp_path / "ens")  # safe mode
+    np.testing.assert_allclose(loaded.predict(test.images[:64], verbose=0), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 members"):
+        build_ensemble(members[:1])
+
+
+def test_tflite_exports_measure_accuracy_through_the_interpreter(trained_pair, tmp_path):
+    from digits_ray.evaluate import classification_metrics, predict_proba
+    from digits_ray.export import export_tflite
+
+    (model, _), train, test = trained_pair
+    keras_accuracy = classification_metrics(predict_proba(model, test.images), test.labels)["accuracy"]
+    report = export_tflite(model, tmp_path, train.images, test.images, test.labels, keras_accuracy)
+    assert report["float32"]["test_accuracy"] == pytest.approx(keras_accuracy, abs=0.002)
+    assert abs(report["int8"]["drop_vs_keras_points"]) <= 1.0  # calibrated on 500 images
+    assert report["int8_size_ratio"] >= 3.0
+    assert (tmp_path / "model_int8.tflite").stat().st_size == report["int8"]["bytes"]
+
+
+# --- jobs/tune.py refuses bad input before Ray starts -------------------------------------------
+
+
+def run_job(argv):
+    spec = importlib.util.spec_from_file_location("tune_job", JOB)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    job.init_ray = lambda *args: pytest.fail("Ray was started for a bad command line")
+    return job.main(argv)
+
+
+def test_tune_job_rejects_bad_options_and_unresumable_folders(tmp_path, capsys):
+    storage = ["--storage-path", str(tmp_path)]
+    assert run_job(["--min-batch", "48", *storage]) == 2
+    assert "powers of two" in capsys.readouterr().err
+    assert run_job(["--final-workers", "0", *storage]) == 2
+    assert "--final-workers" in capsys.readouterr().err
+    assert run_job(["--resume", "--name", "missing", *storage]) == 2
+    assert "no search to resume" in capsys.readouterr().err
+    # A driver killed before Tune's first snapshot leaves a tuner file and nothing to restore.
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "tuner.pkl").write_bytes(b"")
+    assert run_job(["--resume", "--name", "early", *storage]) == 2
+    assert "stopped before Tune saved its first snapshot" in capsys.readouterr().err
+    assert run_job(["--name", "early", *storage]) == 2
+    assert "already holds a search" in capsys.readouterr().err
+
+
+def test_durations():
+    spec = importlib.util.spec_from_file_location("tune_job", JOB)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert [job.parse_duration(t) for t in ("90s", "60m", "1.5h", "120")] == [90, 3600, 5400, 120]
+    with pytest.raises(Exception, match="duration"):
+        job.parse_duration("an hour")
