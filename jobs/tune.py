@@ -34,6 +34,9 @@ SEARCH, PUBLISH = SearchConfig(), PublishConfig()
 SMALL_MNIST = ROOT / "tests" / "data" / "mnist-small"
 # --smoke: a few 1-epoch trials on the small subset, for tests and a first look.
 SMOKE = {"num_samples": 3, "max_epochs": 1, "time_budget": "10m", "top_k": 2}
+# Of --time-budget, what is kept for after the search (test evaluation, TFLite, ensemble, report):
+# the budget covers the whole job.
+PUBLISH_RESERVE_S = 180
 
 
 def parse_duration(text: str) -> float:
@@ -54,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     budget.add_argument("--grace-epochs", type=int, default=SEARCH.grace_epochs,
                         help="ASHA judges a trial after this many epochs at the earliest")
     budget.add_argument("--time-budget", type=parse_duration, default=None, metavar="DURATION",
-                        help="wall-clock budget of the search, e.g. 60m (default 60m)")
+                        help=f"wall-clock budget of the whole job, e.g. 60m (default 60m); the search gets it "
+                             f"less {PUBLISH_RESERVE_S} s for what follows")
     space = parser.add_argument_group("search space")
     space.add_argument("--models", nargs="+", default=list(SpaceConfig().models), choices=list(MODELS))
     space.add_argument("--min-batch", type=int, default=SpaceConfig().min_batch, help="global batch, power of 2")
@@ -97,7 +101,8 @@ def configs(args: argparse.Namespace) -> tuple[SearchConfig, PublishConfig, Path
         num_samples=args.num_samples or smoke.get("num_samples", SEARCH.num_samples),
         max_epochs=args.max_epochs or smoke.get("max_epochs", SEARCH.max_epochs),
         grace_epochs=min(args.grace_epochs, args.max_epochs or smoke.get("max_epochs", SEARCH.max_epochs)),
-        time_budget_s=budget, trials_at_once=args.trials_at_once, cpus_per_trial=args.cpus_per_trial,
+        time_budget_s=budget - PUBLISH_RESERVE_S if budget > 2 * PUBLISH_RESERVE_S else budget / 2,
+        trials_at_once=args.trials_at_once, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial, seed=args.seed,
         storage_path=args.storage_path, name=args.name,
         space=SpaceConfig(models=tuple(args.models), min_batch=args.min_batch, max_batch=args.max_batch,
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
     mode = init_ray(args.num_cpus, args.address)
     quiet_data_progress()
     print(f"Ray: {mode}; search {search.experiment_path}: {search.num_samples} trials of up to "
-          f"{search.max_epochs} epochs, budget {search.time_budget_s:.0f} s", flush=True)
+          f"{search.max_epochs} epochs, search budget {search.time_budget_s:.0f} s", flush=True)
     start = time.perf_counter()
     try:
         results = run(search, data, resume=args.resume)
