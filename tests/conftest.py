@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -11,6 +13,22 @@ import digits_ray  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything impor
 
 SMALL_MNIST = Path(__file__).parent / "data" / "mnist-small"
 CANONICAL_FILES = Path(__file__).parent / "data" / "mnist-canonical"
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def load_job(name: str) -> ModuleType:
+    """A job script (jobs/NAME.py) as a module, without running it."""
+    spec = importlib.util.spec_from_file_location(f"{name}_job", JOBS / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def run_job_without_ray(name: str, argv: list[str]) -> int:
+    """A job's main, with Ray's start replaced by a failure: bad input must stop earlier."""
+    job = load_job(name)
+    job.init_ray = lambda *args: pytest.fail("Ray was started for a bad command line")
+    return job.main(argv)
 
 
 @pytest.fixture(autouse=True)

@@ -1,22 +1,15 @@
 """Entry points reject bad input with one clear line, before loading data or starting Ray."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from digits_ray.cli import main
-
-JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
+from tests.conftest import run_job_without_ray
 
 
 def run_job(argv):
-    """jobs/train.py's main, with Ray's start replaced by a failure: bad input must stop earlier."""
-    spec = importlib.util.spec_from_file_location("train_job", JOB)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    job.init_ray = lambda *args: pytest.fail("Ray was started for a bad command line")
-    return job.main(argv)
+    return run_job_without_ray("train", argv)
 
 
 @pytest.mark.parametrize("argv, message", [

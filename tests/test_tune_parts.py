@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,8 +13,7 @@ from digits_ray import artifact, registry
 from digits_ray.config import TrainConfig
 from digits_ray.models.zoo import build_model
 from digits_ray.tune import space
-
-JOB = Path(__file__).resolve().parents[1] / "jobs" / "tune.py"
+from tests.conftest import load_job, run_job_without_ray
 
 
 def test_the_space_samples_valid_configs_with_conditional_hyperparameters():
@@ -152,11 +150,7 @@ def test_tflite_exports_measure_accuracy_through_the_interpreter(trained_pair, t
 
 
 def run_job(argv):
-    spec = importlib.util.spec_from_file_location("tune_job", JOB)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    job.init_ray = lambda *args: pytest.fail("Ray was started for a bad command line")
-    return job.main(argv)
+    return run_job_without_ray("tune", argv)
 
 
 def test_tune_job_rejects_bad_options_and_unresumable_folders(tmp_path, capsys):
@@ -177,9 +171,7 @@ def test_tune_job_rejects_bad_options_and_unresumable_folders(tmp_path, capsys):
 
 
 def test_durations():
-    spec = importlib.util.spec_from_file_location("tune_job", JOB)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("tune")
     assert [job.parse_duration(t) for t in ("90s", "60m", "1.5h", "120")] == [90, 3600, 5400, 120]
     with pytest.raises(Exception, match="duration"):
         job.parse_duration("an hour")
