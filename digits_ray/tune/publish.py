@@ -45,13 +45,14 @@ def _trial_model(result: Any) -> tuple[Any, ckpt.RunState]:
     return ckpt.load(distributed.best_checkpoint(trial.checkpoints(result), result.path))
 
 
-def _trial_fit(result: Any, cfg: TrainConfig, data: TrainValData) -> FitResult:
+def _trial_fit(result: Any, cfg: TrainConfig, data: TrainValData, workers: int) -> FitResult:
     model, _ = _trial_model(result)
     history = result.metrics_dataframe.sort_values("epoch")
     rows = history[[c for c in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
                                 "ended_at") if c in history]].to_dict("records")
     return FitResult.from_history(model, cfg, rows, data, {"runner": "tune_trial", "trial_path": result.path,
-                                                           "per_worker_batch": cfg.batch_size, "workers": 1})
+                                                           "workers": workers,
+                                                           "per_worker_batch": cfg.batch_size // workers})
 
 
 def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish: PublishConfig,
@@ -61,7 +62,7 @@ def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish:
     base = TrainConfig(**{**search.base.to_dict(), "epochs": search.max_epochs})
     cfg = space.train_config(best.config, base)
     if not publish.final_epochs:
-        return _trial_fit(best, cfg, data)
+        return _trial_fit(best, cfg, data, max(1, search.workers_per_trial))
     cfg = dataclasses.replace(cfg, epochs=publish.final_epochs)
     scale = distributed.ScaleConfig(
         workers=publish.final_workers, use_gpu=publish.final_use_gpu, cpus_per_worker=publish.final_cpus_per_worker,
@@ -139,10 +140,9 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
         plots.history(fitted.history, entry / registry.SEARCH_DIR / "winner_history.png")
         plots.confusion(np.asarray(classification_metrics(probs, test.labels)["confusion_matrix"]),
                         entry / registry.SEARCH_DIR / "winner_confusion_matrix.png")
-        histories = {}
-        for trial_id, path in zip(table["trial_id"], table["path"]):
-            frame = _by_path(results)[path].metrics_dataframe
-            histories[trial_id] = frame.sort_values("epoch")[["epoch", METRIC]]
+        by_path = _by_path(results)
+        histories = {trial_id: by_path[path].metrics_dataframe.sort_values("epoch")[["epoch", METRIC]]
+                     for trial_id, path in zip(table["trial_id"], table["path"])}
         report.write(table, histories, entry / registry.SEARCH_DIR)
         tflite = export_tflite(fitted.model, entry / registry.TFLITE_DIR, data.x_train, test.images, test.labels,
                                metadata["test_accuracy"], seed=search.seed)
@@ -159,7 +159,7 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
             "experiment_path": str(search.experiment_path),
         }
         artifact.write_json_atomic(entry / registry.SEARCH_DIR / "search.json", {
-            **summary, "settings": settings, "winner_config": _by_path(results)[table.iloc[0]["path"]].config,
+            **summary, "settings": settings, "winner_config": by_path[table.iloc[0]["path"]].config,
             "trained_with": metadata["trained_with"], "tflite": tflite,
             "ensemble_members": ensemble["model_params"]["members"] if ensemble else [],
         })

@@ -48,6 +48,8 @@ def single_process_trial(config: dict[str, Any], data: TrainValData, base: Train
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
+    for gpu in tf.config.list_physical_devices("GPU"):  # trials may share a GPU (--gpus-per-trial 0.5)
+        tf.config.experimental.set_memory_growth(gpu, True)
     cfg = space.train_config(config, base)
     checkpoint = tune.get_checkpoint()
     if checkpoint:  # Tune restarted this trial (a failure, or a resumed search): go on from its last epoch
