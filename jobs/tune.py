@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     after.add_argument("--final-epochs", type=int, default=0, help="retrain the winner this long with Ray Train")
     after.add_argument("--final-workers", type=int, default=1)
     after.add_argument("--final-use-gpu", action="store_true")
+    after.add_argument("--final-cpus-per-worker", type=float, default=None,
+                       help="default: an equal share of the cluster's CPUs, at most 1")
     return parser.parse_args(argv)
 
 
@@ -115,7 +117,7 @@ def configs(args: argparse.Namespace) -> tuple[SearchConfig, PublishConfig, Path
                           f"{args.final_workers}")
     publish = PublishConfig(registry=args.registry, top_k=args.top_k or smoke.get("top_k", PUBLISH.top_k),
                             final_epochs=args.final_epochs, final_workers=args.final_workers,
-                            final_use_gpu=args.final_use_gpu)
+                            final_use_gpu=args.final_use_gpu, final_cpus_per_worker=args.final_cpus_per_worker)
     return search, publish, data_dir
 
 

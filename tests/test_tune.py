@@ -114,7 +114,8 @@ def test_a_killed_search_resumes_without_losing_or_rerunning_finished_trials(tra
 
 
 def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path):
-    """As a user would: `ray start --head` (its own ports and temp dir, token auth), `ray job submit`."""
+    """As a user would: `ray start --head` (its own ports and temp dir, token auth), `ray job submit`,
+    with the winner retrained longer by Ray Train before it is published."""
     gcs, dashboard, *others = free_ports(8)
     env, marker = marked_env(RAY_AUTH_MODE="token")
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
@@ -138,7 +139,8 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path):
             time.sleep(2)
         submitted = subprocess.run(
             ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             "python", "jobs/tune.py", "--smoke", "--registry", str(registry), "--storage-path", str(runs)],
+             "python", "jobs/tune.py", "--smoke", "--registry", str(registry), "--storage-path", str(runs),
+             "--final-epochs", "2", "--final-workers", "2"],
             env=env, capture_output=True, text=True, timeout=600)
         (tmp_path / "job.log").write_text(submitted.stdout + submitted.stderr)
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
@@ -156,7 +158,9 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path):
 
     entry = best_entry(registry)
     metadata = artifact.read_metadata(entry)
-    assert 0.3 < metadata["test_accuracy"] <= 1 and metadata["trained_with"]["runner"] == "tune_trial"
+    # The winner's config, retrained for 2 epochs by 2 Ray Train workers inside the submitted job.
+    assert metadata["trained_with"]["runner"] == "ray_train" and metadata["trained_with"]["workers"] == 2
+    assert metadata["epochs_run"] == 2 and 0.3 < metadata["test_accuracy"] <= 1
     artifact.load_model(entry)
     tflite = json.loads((entry / "tflite" / "tflite.json").read_text())
     assert tflite["int8"]["bytes"] * 3 <= tflite["float32"]["bytes"]

@@ -17,6 +17,7 @@ from digits_ray import artifact, plots, registry
 from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import MnistSplit, load_split
+from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import DigitsError
 from digits_ray.evaluate import classification_metrics, predict_proba
@@ -33,7 +34,7 @@ class PublishConfig:
     final_epochs: int = 0  # 0: keep the winning trial's best checkpoint; E: retrain it E epochs with Ray Train
     final_workers: int = 1
     final_use_gpu: bool = False
-    final_cpus_per_worker: float = 1.0
+    final_cpus_per_worker: float | None = None  # None: an equal share of the cluster's CPUs, at most 1
 
 
 def _by_path(results: Any) -> dict[str, Any]:
@@ -63,10 +64,16 @@ def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish:
     cfg = space.train_config(best.config, base)
     if not publish.final_epochs:
         return _trial_fit(best, cfg, data, max(1, search.workers_per_trial))
+    import ray
+
     cfg = dataclasses.replace(cfg, epochs=publish.final_epochs)
+    stream = StreamConfig(concurrency=1, cpus_per_actor=0.25)
+    share = (ray.cluster_resources().get("CPU", 1) - stream.cpus_per_actor) / publish.final_workers
+    cpus = publish.final_cpus_per_worker or max(0.1, min(1.0, round(share, 2)))
     scale = distributed.ScaleConfig(
-        workers=publish.final_workers, use_gpu=publish.final_use_gpu, cpus_per_worker=publish.final_cpus_per_worker,
-        storage_path=search.storage_path, name=f"{search.name}-final", keep_checkpoints=2, max_failures=1)
+        workers=publish.final_workers, use_gpu=publish.final_use_gpu, cpus_per_worker=cpus, data=stream,
+        storage_path=search.storage_path, name=registry.entry_name(f"{search.name}-final"), keep_checkpoints=2,
+        max_failures=1)
     distributed.per_worker_batch(cfg.batch_size, scale.workers)
     return distributed.fit(cfg, scale, data)
 
