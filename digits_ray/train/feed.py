@@ -115,8 +115,9 @@ class FreedInBackground(tf.distribute.DistributedDataset):
 
     Freeing a MultiWorkerMirroredStrategy input iterator waits for the tf.data autotuning threads
     of its per-device datasets (which TensorFlow builds, so their options cannot be set), and those
-    notice it only at their next wake-up: 10-30 s into a run. Keras frees the training iterator
-    when ``fit`` returns, so a worker finished that much later. Keras only ever uses the newest
+    notice it only at their next wake-up, an interval that grows over a run (bench/README.md has
+    the measured wait). Keras frees the training iterator when ``fit`` returns, so a worker
+    finished that much later. Keras only ever uses the newest
     iterator: each older one, and all of them on ``release()``, go to a daemon thread to be freed.
     """
 
