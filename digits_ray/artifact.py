@@ -8,7 +8,8 @@
       report/           plots and report.json, written by ``digits_ray evaluate``
 
 Folders are written whole into a temporary sibling and renamed into place, so a reader never sees a
-half-written artifact, and a crash leaves the previous artifact intact.
+half-written artifact. A crash leaves the previous artifact in place, or, in the instant between the two
+renames that replace it, beside it as ``.NAME.old``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ report become one entry of the model registry (--registry, $DIGITS_REGISTRY, def
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -27,7 +28,13 @@ from digits_ray.models.zoo import MODELS  # noqa: E402
 from digits_ray.ray_backend import init_ray, quiet_data_progress  # noqa: E402
 from digits_ray.train.distributed import DEFAULT_STORAGE  # noqa: E402
 from digits_ray.tune.publish import PublishConfig, publish_search  # noqa: E402
-from digits_ray.tune.search import SearchConfig, check_experiment_path, run  # noqa: E402
+from digits_ray.tune.search import (  # noqa: E402
+    SearchConfig,
+    check_experiment_path,
+    load_settings,
+    run,
+    save_settings,
+)
 from digits_ray.tune.space import SpaceConfig  # noqa: E402
 
 SEARCH, PUBLISH = SearchConfig(), PublishConfig()
@@ -58,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ASHA judges a trial after this many epochs at the earliest")
     budget.add_argument("--time-budget", type=parse_duration, default=None, metavar="DURATION",
                         help=f"wall-clock budget of the whole job, e.g. 60m (default 60m); the search gets it "
-                             f"less {PUBLISH_RESERVE_S} s for what follows")
+                             f"less {PUBLISH_RESERVE_S} s for what follows (a --final-epochs retrain comes on top; "
+                             f"with --resume, the resumed search gets a new budget)")
     space = parser.add_argument_group("search space")
     space.add_argument("--models", nargs="+", default=list(SpaceConfig().models), choices=list(MODELS))
     space.add_argument("--min-batch", type=int, default=SpaceConfig().min_batch, help="global batch, power of 2")
@@ -71,7 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     space.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION_MODES)
     place = parser.add_argument_group("resources (defaults: what the cluster has)")
     place.add_argument("--trials-at-once", type=int, default=None)
-    place.add_argument("--cpus-per-trial", type=float, default=SEARCH.cpus_per_trial, help="a fraction is fine")
+    place.add_argument("--cpus-per-trial", type=float, default=None,
+                       help="a fraction is fine (default 1; with --workers-per-trial, per worker: an equal "
+                            "share of the cluster's CPUs, at most 1)")
     place.add_argument("--gpus-per-trial", type=float, default=None, help="default: 1 where the cluster has GPUs")
     place.add_argument("--workers-per-trial", type=int, default=0,
                        help="N: each trial is a Ray Train run with N workers (GPU clusters); 0: one process")
@@ -82,7 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     where = parser.add_argument_group("where")
     where.add_argument("--storage-path", default=str(DEFAULT_STORAGE), help="where Tune keeps the experiment")
     where.add_argument("--name", default=SEARCH.name, help="experiment name under --storage-path")
-    where.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    where.add_argument("--resume", action="store_true",
+                       help="continue the interrupted search --name, with the settings it was started with "
+                            "(only --time-budget and the after-search options are taken from this command)")
     where.add_argument("--data-dir", type=Path, default=None, help="MNIST IDX folder (default $DIGITS_DATA_DIR)")
     where.add_argument("--registry", default=None, help="model registry folder (default $DIGITS_REGISTRY, models/)")
     after = parser.add_argument_group("after the search")
@@ -112,9 +124,14 @@ def configs(args: argparse.Namespace) -> tuple[SearchConfig, PublishConfig, Path
                           augment_choices=("off",) if args.no_augment else SpaceConfig().augment_choices),
         base=TrainConfig(val_fraction=args.val_fraction, seed=args.seed, mixed_precision=args.mixed_precision),
     )
-    if args.final_epochs < 0 or args.final_workers < 1:
-        raise ConfigError(f"--final-epochs must be >= 0 and --final-workers >= 1; got {args.final_epochs}, "
-                          f"{args.final_workers}")
+    if args.final_epochs < 0 or args.final_workers < 1 or search.space.min_batch % args.final_workers:
+        raise ConfigError(f"--final-epochs must be >= 0 and --final-workers >= 1, a power of two <= --min-batch "
+                          f"(the winner's batch is split among them); got {args.final_epochs}, {args.final_workers}")
+    check_experiment_path(search.experiment_path, args.resume)
+    if args.resume:  # the same trials on the same data as the interrupted search; only the budget is new
+        saved, saved_data_dir = load_settings(search.experiment_path)
+        search = dataclasses.replace(saved, time_budget_s=search.time_budget_s)
+        data_dir = saved_data_dir
     publish = PublishConfig(registry=args.registry, top_k=args.top_k or smoke.get("top_k", PUBLISH.top_k),
                             final_epochs=args.final_epochs, final_workers=args.final_workers,
                             final_use_gpu=args.final_use_gpu, final_cpus_per_worker=args.final_cpus_per_worker)
@@ -125,7 +142,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         search, publish, data_dir = configs(args)
-        check_experiment_path(search.experiment_path, args.resume)
         data = load_train_val(search.base.val_fraction, search.base.seed, data_dir)
     except DigitsError as err:  # the user can fix it: one line; anything else keeps its traceback
         print(f"error: {err}", file=sys.stderr)
@@ -135,6 +151,8 @@ def main(argv=None) -> int:
     print(f"Ray: {mode}; search {search.experiment_path}: {search.num_samples} trials of up to "
           f"{search.max_epochs} epochs, search budget {search.time_budget_s:.0f} s", flush=True)
     start = time.perf_counter()
+    if not args.resume:
+        save_settings(search, data_dir)
     try:
         results = run(search, data, resume=args.resume)
         search_seconds = time.perf_counter() - start

@@ -24,7 +24,7 @@ from digits_ray.evaluate import classification_metrics, predict_proba
 from digits_ray.train import distributed
 from digits_ray.train.result import FitResult
 from digits_ray.tune import report, space, trial
-from digits_ray.tune.search import METRIC, SearchConfig, trials_table
+from digits_ray.tune.search import METRIC, SearchConfig, trial_history, trials_table
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _trial_model(result: Any) -> tuple[Any, ckpt.RunState]:
 
 def _trial_fit(result: Any, cfg: TrainConfig, data: TrainValData, workers: int) -> FitResult:
     model, _ = _trial_model(result)
-    history = result.metrics_dataframe.sort_values("epoch")
+    history = trial_history(result)
     rows = history[[c for c in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
                                 "ended_at") if c in history]].to_dict("records")
     return FitResult.from_history(model, cfg, rows, data, {"runner": "tune_trial", "trial_path": result.path,
@@ -111,9 +111,9 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
     test_figures, _ = _test_figures(model, test)
     metadata = {
         "model": "ensemble",
-        "model_params": {"members": rows[["trial_id", "model", "val_accuracy"]].to_dict("records"),
+        "model_params": {"members": rows[["trial_id", "model", "val_accuracy", "path"]].to_dict("records"),
                          "combination": "mean of probabilities"},
-        "train_config": winner_metadata["train_config"],
+        "train_config": None,  # each member's is in its trial folder (model_params.members[].path)
         "data_md5": {**winner_metadata["data_md5"]},
         "split_sizes": winner_metadata["split_sizes"],
         "versions": artifact.library_versions(),
@@ -148,7 +148,7 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
         plots.confusion(np.asarray(classification_metrics(probs, test.labels)["confusion_matrix"]),
                         entry / registry.SEARCH_DIR / "winner_confusion_matrix.png")
         by_path = _by_path(results)
-        histories = {trial_id: by_path[path].metrics_dataframe.sort_values("epoch")[["epoch", METRIC]]
+        histories = {trial_id: trial_history(by_path[path])[["epoch", METRIC]]
                      for trial_id, path in zip(table["trial_id"], table["path"])}
         report.write(table, histories, entry / registry.SEARCH_DIR)
         tflite = export_tflite(fitted.model, entry / registry.TFLITE_DIR, data.x_train, test.images, test.labels,

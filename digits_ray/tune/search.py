@@ -2,12 +2,15 @@
 
 Resources come from the cluster: each trial asks for ``cpus_per_trial`` CPUs (a fraction is fine) and,
 where the cluster has GPUs, one GPU (or its Ray Train workers do), and as many trials run at once as fit.
-The experiment lives at ``storage_path/name``; ``resume`` continues it with ``Tuner.restore``.
+The experiment lives at ``storage_path/name`` (a local or shared filesystem path), with the search's
+settings beside Tune's files; ``resume`` continues it with ``Tuner.restore`` and those settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,7 @@ class SearchConfig:
     reduction_factor: int = 3  # ASHA keeps the best 1/3 at each rung
     time_budget_s: float | None = 3600.0
     trials_at_once: int | None = None  # None: as many as the cluster's resources fit
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float | None = None  # None: 1 per trial, or an equal share per Ray Train worker (<= 1)
     gpus_per_trial: float | None = None  # None: 1 where the cluster has GPUs, else 0
     workers_per_trial: int = 0  # 0: one process per trial; N: each trial is a Ray Train run with N workers
     seed: int = 0
@@ -54,18 +57,50 @@ class SearchConfig:
             problems.append(f"reduction_factor must be >= 2; got {self.reduction_factor}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             problems.append(f"time budget must be positive; got {self.time_budget_s}")
-        if not self.cpus_per_trial > 0:
+        if self.cpus_per_trial is not None and not self.cpus_per_trial > 0:
             problems.append(f"cpus_per_trial must be > 0 (a fraction is fine); got {self.cpus_per_trial}")
         if self.trials_at_once is not None and self.trials_at_once < 1:
             problems.append(f"trials_at_once must be >= 1; got {self.trials_at_once}")
         if self.workers_per_trial < 0:
             problems.append(f"workers_per_trial must be >= 0; got {self.workers_per_trial}")
+        elif self.workers_per_trial and self.space.min_batch % self.workers_per_trial:
+            problems.append(f"every searched batch must divide among the {self.workers_per_trial} workers of a "
+                            f"trial: use a power of two <= min_batch ({self.space.min_batch})")
         if problems:
             raise ConfigError("invalid search configuration: " + "; ".join(problems))
 
     @property
     def experiment_path(self) -> Path:
         return Path(self.storage_path).expanduser() / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "space": dataclasses.asdict(self.space), "base": self.base.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
+        space_values = {k: tuple(v) if isinstance(v, list) else v for k, v in values["space"].items()}
+        return cls(**{**values, "space": space.SpaceConfig(**space_values),
+                      "base": TrainConfig.from_dict(values["base"])})
+
+
+SETTINGS_FILE = "digits_search.json"  # beside Tune's files: what a resumed search must search again
+
+
+def save_settings(search: SearchConfig, data_dir: Path | None) -> None:
+    from digits_ray.artifact import write_json_atomic
+
+    search.experiment_path.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(search.experiment_path / SETTINGS_FILE,
+                      {"search": search.to_dict(), "data_dir": str(data_dir.resolve()) if data_dir else None})
+
+
+def load_settings(path: Path) -> tuple[SearchConfig, Path | None]:
+    """The settings a search was started with: a resume trains the same trials on the same data."""
+    file = path / SETTINGS_FILE
+    if not file.is_file():
+        raise DigitsError(f"--resume: {path} has no {SETTINGS_FILE}; it was not started by jobs/tune.py")
+    saved = json.loads(file.read_text())
+    return SearchConfig.from_dict(saved["search"]), Path(saved["data_dir"]) if saved["data_dir"] else None
 
 
 def cluster_gpus() -> float:
@@ -76,40 +111,48 @@ def cluster_gpus() -> float:
 
 def trainable(search: SearchConfig, data: TrainValData):
     """The trial function with its data (put in the object store once) and its resources."""
+    import ray
     from ray import tune
 
     base = TrainConfig(**{**search.base.to_dict(), "epochs": search.max_epochs})
     gpus = search.gpus_per_trial if search.gpus_per_trial is not None else (1.0 if cluster_gpus() else 0.0)
     if search.workers_per_trial:
-        # One augmentation actor per trial, a quarter CPU: on 2 cores a 2 x 0.5-CPU trial then fits
-        # with room to spare, and on a cluster trials at once scale with the CPUs.
-        scale = ScaleConfig(workers=search.workers_per_trial, use_gpu=gpus > 0,
-                            cpus_per_worker=search.cpus_per_trial, keep_checkpoints=2, max_failures=1,
-                            data=StreamConfig(concurrency=1, cpus_per_actor=0.25))
+        # One augmentation actor per trial, a quarter CPU; each worker an equal share of what is
+        # left (at most 1): on 2 cores a 2-worker trial fits, on a cluster trials at once scale.
+        stream = StreamConfig(concurrency=1, cpus_per_actor=0.25)
+        room = ray.cluster_resources().get("CPU", 1) - stream.cpus_per_actor - TRIAL_DRIVER_CPU
+        cpus = search.cpus_per_trial or max(0.1, min(1.0, math.floor(100 * room / search.workers_per_trial) / 100))
+        scale = ScaleConfig(workers=search.workers_per_trial, use_gpu=gpus > 0, cpus_per_worker=cpus,
+                            keep_checkpoints=2, max_failures=1, data=stream)
         fn = tune.with_parameters(trial.ray_train_trial, data=data, base=base, scale=scale,
                                   experiment=str(search.experiment_path.resolve()))
         # The trial itself only waits on its Ray Train controller; the workers hold the resources.
-        return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPU}), scale
-    threads = max(1, math.ceil(search.cpus_per_trial))
-    fn = tune.with_parameters(trial.single_process_trial, data=data, base=base, threads=threads)
-    return tune.with_resources(fn, {"cpu": search.cpus_per_trial, "gpu": gpus}), None
+        return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPU}), scale, gpus
+    cpus = search.cpus_per_trial or 1.0
+    fn = tune.with_parameters(trial.single_process_trial, data=data, base=base, threads=max(1, math.ceil(cpus)))
+    return tune.with_resources(fn, {"cpu": cpus, "gpu": gpus}), None, gpus
 
 
-def trials_at_once(search: SearchConfig, scale: ScaleConfig | None) -> int:
-    """As many trials as the cluster's CPUs (or GPUs) hold, unless the search says how many."""
+def trials_at_once(search: SearchConfig, scale: ScaleConfig | None, gpus_per_trial: float) -> int:
+    """As many trials as the cluster's CPUs and GPUs hold, unless the search says how many.
+
+    A trial that needs more than the whole cluster is an error here, not a search that waits forever.
+    """
     import ray
 
-    if search.trials_at_once:
-        return search.trials_at_once
     resources = ray.cluster_resources()
     if scale is not None:  # a Ray Train run per trial: its workers, its augmentation actor and itself
-        per_trial = (scale.workers * scale.cpus_per_worker + scale.data.concurrency * scale.data.cpus_per_actor
-                     + TRIAL_DRIVER_CPU)
-        by_gpu = resources.get("GPU", 0) // scale.workers if scale.use_gpu else math.inf
+        cpus = (scale.workers * scale.cpus_per_worker + scale.data.concurrency * scale.data.cpus_per_actor
+                + TRIAL_DRIVER_CPU)
+        gpus = scale.workers if scale.use_gpu else 0
     else:
-        per_trial = search.cpus_per_trial
-        by_gpu = math.inf
-    return int(max(1, min(resources.get("CPU", 1) // per_trial, by_gpu)))
+        cpus, gpus = search.cpus_per_trial or 1.0, gpus_per_trial
+    fits = min(resources.get("CPU", 0) // cpus, resources.get("GPU", 0) // gpus if gpus else math.inf)
+    if fits < 1:
+        raise ConfigError(f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs; the cluster has "
+                          f"{resources.get('CPU', 0):g} and {resources.get('GPU', 0):g} (see --cpus-per-trial, "
+                          f"--gpus-per-trial, --workers-per-trial)")
+    return search.trials_at_once or int(fits)
 
 
 def _trial_name(t: Any) -> str:
@@ -143,7 +186,8 @@ def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
     from ray.tune.search.optuna import OptunaSearch
 
     check_experiment_path(search.experiment_path, resume)
-    fn, scale = trainable(search, data)
+    fn, scale, gpus = trainable(search, data)
+    at_once = trials_at_once(search, scale, gpus)
     if resume:
         return tune.Tuner.restore(str(search.experiment_path), trainable=fn, resume_unfinished=True,
                                   resume_errored=True)
@@ -155,7 +199,7 @@ def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
         fn,
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=search.num_samples,
-            max_concurrent_trials=trials_at_once(search, scale), time_budget_s=search.time_budget_s,
+            max_concurrent_trials=at_once, time_budget_s=search.time_budget_s,
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
@@ -173,16 +217,23 @@ def run(search: SearchConfig, data: TrainValData, resume: bool = False) -> Any:
     return make_tuner(search, data, resume).fit()
 
 
+def trial_history(result: Any) -> Any:
+    """A trial's reported epochs, once each: a trial restarted from an older checkpoint reports some again."""
+    history = result.metrics_dataframe
+    if history is None or history.empty or "epoch" not in history:
+        return None
+    return history.sort_values("epoch").drop_duplicates("epoch", keep="last").reset_index(drop=True)
+
+
 def trials_table(results: Any) -> Any:
     """One row per trial: its sampled config, best epoch's validation figures, epochs run, status."""
     import pandas as pd
 
     rows = []
     for result in results:
-        history = result.metrics_dataframe
-        if history is None or history.empty or METRIC not in history:
+        history = trial_history(result)
+        if history is None or METRIC not in history:
             continue
-        history = history.sort_values("epoch")
         best = history.loc[history[METRIC].idxmax()]
         config = result.config
         rows.append({

@@ -1,8 +1,9 @@
 """The search space, define-by-run: Optuna asks for each hyperparameter only where it applies.
 
-A trial's config is flat (``model``, ``batch_size``, ``learning_rate``, ``schedule``, ``warmup_epochs``,
-``augment``, and ``p_<name>`` / ``aug_<name>`` for model and augmentation options), so Tune's trial
-table and the report show every value; ``train_config`` turns it into a ``TrainConfig``.
+A trial's config is flat (``model``, ``log2_batch_size``, ``learning_rate``, ``schedule``,
+``warmup_epochs``, ``augment``, and ``p_<name>`` / ``aug_<name>`` for model and augmentation options),
+so Tune's trial table and the report show every value; ``train_config`` turns it into a ``TrainConfig``
+(whose ``batch_size`` is ``2 ** log2_batch_size``).
 """
 
 from __future__ import annotations
