@@ -175,3 +175,20 @@ def test_durations():
     assert [job.parse_duration(t) for t in ("90s", "60m", "1.5h", "120")] == [90, 3600, 5400, 120]
     with pytest.raises(Exception, match="duration"):
         job.parse_duration("an hour")
+
+
+def test_each_epoch_is_published_with_a_checkpoint_and_the_best_so_far():
+    """What Optuna learns from (``best_val_accuracy``); the history itself stays per epoch."""
+    from digits_ray import checkpoint as ckpt
+    from digits_ray.train.reporting import ReportEachEpoch
+
+    published = []
+    callback = ReportEachEpoch(ckpt.RunState(), lambda metrics, folder: published.append(
+        (metrics, ckpt.is_checkpoint(folder))))
+    callback.set_model(build_model("dense", {"hidden": 4}))
+    for epoch, val in enumerate([0.5, 0.7, 0.6]):
+        callback.on_epoch_end(epoch, {"val_accuracy": val, "loss": 1.0})
+    assert [(m["epoch"], m["best_val_accuracy"], saved) for m, saved in published] == [
+        (1, 0.5, True), (2, 0.7, True), (3, 0.7, True)]
+    assert [row["val_accuracy"] for row in callback.state.history] == [0.5, 0.7, 0.6]
+    assert "best_val_accuracy" not in callback.state.history[-1]

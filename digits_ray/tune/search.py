@@ -21,6 +21,7 @@ from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import ConfigError, DigitsError
 from digits_ray.train.distributed import DEFAULT_STORAGE, ScaleConfig
+from digits_ray.train.reporting import BEST_METRIC
 from digits_ray.tune import space, trial
 
 METRIC, MODE = "val_accuracy", "max"
@@ -191,8 +192,10 @@ def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
     if resume:
         return tune.Tuner.restore(str(search.experiment_path), trainable=fn, resume_unfinished=True,
                                   resume_errored=True)
+    # Optuna learns from a trial's last report: the best epoch so far, so that a trial ASHA stopped,
+    # or one whose last epoch dipped, is scored as trials_table ranks it.
     searcher = OptunaSearch(functools.partial(space.define_space, space=search.space),
-                            metric=METRIC, mode=MODE, seed=search.seed)
+                            metric=BEST_METRIC, mode=MODE, seed=search.seed)
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode=MODE, max_t=search.max_epochs,
                               grace_period=search.grace_epochs, reduction_factor=search.reduction_factor)
     return tune.Tuner(
