@@ -33,7 +33,6 @@ from digits_ray.tune.search import (  # noqa: E402
     check_experiment_path,
     load_settings,
     run,
-    save_settings,
 )
 from digits_ray.tune.space import SpaceConfig  # noqa: E402
 
@@ -151,10 +150,8 @@ def main(argv=None) -> int:
     print(f"Ray: {mode}; search {search.experiment_path}: {search.num_samples} trials of up to "
           f"{search.max_epochs} epochs, search budget {search.time_budget_s:.0f} s", flush=True)
     start = time.perf_counter()
-    if not args.resume:
-        save_settings(search, data_dir)
     try:
-        results = run(search, data, resume=args.resume)
+        results = run(search, data, resume=args.resume, data_dir=data_dir)
         search_seconds = time.perf_counter() - start
         settings = {"argv": sys.argv[1:], "search_seconds": round(search_seconds, 1)}
         entry = publish_search(results, search, publish, data, data_dir, settings)

@@ -6,6 +6,7 @@ and publish all of it as one registry entry.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish:
     cfg = dataclasses.replace(cfg, epochs=publish.final_epochs)
     stream = StreamConfig(concurrency=1, cpus_per_actor=0.25)
     share = (ray.cluster_resources().get("CPU", 1) - stream.cpus_per_actor) / publish.final_workers
-    cpus = publish.final_cpus_per_worker or max(0.1, min(1.0, round(share, 2)))
+    cpus = publish.final_cpus_per_worker or max(0.1, min(1.0, math.floor(100 * share) / 100))  # never over
     scale = distributed.ScaleConfig(
         workers=publish.final_workers, use_gpu=publish.final_use_gpu, cpus_per_worker=cpus, data=stream,
         storage_path=search.storage_path, name=registry.entry_name(f"{search.name}-final"), keep_checkpoints=2,

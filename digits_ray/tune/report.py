@@ -32,8 +32,13 @@ def _scatter(table: pd.DataFrame, column: str, path: Path, title: str, xlabel: s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for model, group in table.groupby("model"):
-        ax.scatter(group[column], group["val_accuracy"], label=model, alpha=0.8)
+    full = table["epochs_run"] >= table["epochs_run"].max()
+    for i, (model, group) in enumerate(table.groupby("model")):
+        done = full[group.index]
+        ax.scatter(group[column][done], group["val_accuracy"][done], color=f"C{i}", label=model, alpha=0.85)
+        ax.scatter(group[column][~done], group["val_accuracy"][~done], facecolors="none", edgecolors=f"C{i}",
+                   alpha=0.85)
+    ax.scatter([], [], facecolors="none", edgecolors="gray", label="stopped early (ASHA or the budget)")
     ax.set_xscale("log", base=base)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("best validation accuracy")

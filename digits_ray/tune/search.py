@@ -180,8 +180,9 @@ def check_experiment_path(path: Path, resume: bool) -> None:
         raise DigitsError(f"{path} already holds a search: continue it with --resume, or give a new --name")
 
 
-def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
-    """A new ``Tuner``, or, with ``resume``, the interrupted one at ``search.experiment_path``."""
+def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False, data_dir: Path | None = None):
+    """A new ``Tuner`` (its settings saved beside it), or, with ``resume``, the interrupted one at
+    ``search.experiment_path``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -192,6 +193,7 @@ def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
     if resume:
         return tune.Tuner.restore(str(search.experiment_path), trainable=fn, resume_unfinished=True,
                                   resume_errored=True)
+    save_settings(search, data_dir)
     # Optuna learns from a trial's last report: the best epoch so far, so that a trial ASHA stopped,
     # or one whose last epoch dipped, is scored as trials_table ranks it.
     searcher = OptunaSearch(functools.partial(space.define_space, space=search.space),
@@ -215,9 +217,10 @@ def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False):
     )
 
 
-def run(search: SearchConfig, data: TrainValData, resume: bool = False) -> Any:
-    """Run (or continue) the search; returns Tune's ``ResultGrid``."""
-    return make_tuner(search, data, resume).fit()
+def run(search: SearchConfig, data: TrainValData, resume: bool = False, data_dir: Path | None = None) -> Any:
+    """Run (or continue) the search; returns Tune's ``ResultGrid``. ``data_dir``: where ``data`` was read,
+    saved with the settings so that a resume reads the same files."""
+    return make_tuner(search, data, resume, data_dir).fit()
 
 
 def trial_history(result: Any) -> Any:
