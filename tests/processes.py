@@ -7,6 +7,7 @@ unique ``DIGITS_TEST_RUN`` value finds all of them (``ray stop`` would stop ever
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -37,8 +38,9 @@ def marked_pids(marker: str) -> set[int]:
     return pids
 
 
-def stop_marked(marker: str, grace_s: float = 30) -> None:
-    """Wait up to ``grace_s`` for the marked processes to exit by themselves, then SIGKILL the rest."""
+def stop_marked(marker: str, ray_tmpdir: str | None = None, grace_s: float = 30) -> None:
+    """Wait up to ``grace_s`` for the marked processes to exit by themselves, then SIGKILL the rest;
+    then remove their Ray temp folder, when given."""
     deadline = time.monotonic() + grace_s
     while marked_pids(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -47,6 +49,8 @@ def stop_marked(marker: str, grace_s: float = 30) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    if ray_tmpdir:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
 def free_ports(count: int) -> list[int]:

@@ -97,7 +97,7 @@ def test_a_killed_search_resumes_without_losing_or_rerunning_finished_trials(tra
         stop_marked(marker)
 
     resumed = subprocess.run([*argv, "--resume"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    stop_marked(marker)
+    stop_marked(marker, env["RAY_TMPDIR"])
     (tmp_path / "resumed.log").write_text(resumed.stdout + resumed.stderr)
     # The search finished; then the one test evaluation found no test files, as intended here.
     assert resumed.returncode == 2 and "t10k-images-idx3-ubyte.gz is not in" in resumed.stderr, resumed.stderr[-3000:]
@@ -116,7 +116,7 @@ def test_a_killed_search_resumes_without_losing_or_rerunning_finished_trials(tra
 def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path):
     """As a user would: `ray start --head` (its own ports and temp dir, token auth), `ray job submit`,
     with the winner retrained longer by Ray Train before it is published."""
-    gcs, dashboard, *others = free_ports(8)
+    gcs, dashboard, *others = free_ports(9)  # every port of its own: another Ray may run beside it
     env, marker = marked_env(RAY_AUTH_MODE="token")
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     head = subprocess.Popen(
@@ -125,7 +125,7 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path):
          "--node-manager-port", str(others[0]), "--object-manager-port", str(others[1]),
          "--ray-client-server-port", str(others[2]), "--dashboard-agent-listen-port", str(others[3]),
          "--dashboard-agent-grpc-port", str(others[4]), "--metrics-export-port", str(others[5]),
-         "--runtime-env-agent-port", str(gcs + 1 if gcs < 65000 else gcs - 1),
+         "--runtime-env-agent-port", str(others[6]),
          "--temp-dir", env["RAY_TMPDIR"], "--disable-usage-stats"],
         env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT)
     registry, runs = tmp_path / "models", tmp_path / "runs"
@@ -151,7 +151,7 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
-        stop_marked(marker)
+        stop_marked(marker, env["RAY_TMPDIR"])
 
     from digits_ray import artifact
     from digits_ray.registry import best_entry
