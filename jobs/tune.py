@@ -108,12 +108,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def configs(args: argparse.Namespace) -> tuple[SearchConfig, PublishConfig, Path | None]:
     smoke = SMOKE if args.smoke else {}
+
+    def given(value, key: str, default):
+        """The flag when given (0 included, so that it is refused, not replaced), else --smoke's, else the default."""
+        return value if value is not None else smoke.get(key, default)
+
+    max_epochs = given(args.max_epochs, "max_epochs", SEARCH.max_epochs)
     data_dir = args.data_dir or (SMALL_MNIST if args.smoke else None)
     budget = args.time_budget if args.time_budget is not None else parse_duration(smoke.get("time_budget", "60m"))
     search = SearchConfig(
-        num_samples=args.num_samples or smoke.get("num_samples", SEARCH.num_samples),
-        max_epochs=args.max_epochs or smoke.get("max_epochs", SEARCH.max_epochs),
-        grace_epochs=min(args.grace_epochs, args.max_epochs or smoke.get("max_epochs", SEARCH.max_epochs)),
+        num_samples=given(args.num_samples, "num_samples", SEARCH.num_samples),
+        max_epochs=max_epochs,
+        grace_epochs=min(args.grace_epochs, max(1, max_epochs)),
         time_budget_s=budget - PUBLISH_RESERVE_S if budget > 2 * PUBLISH_RESERVE_S else budget / 2,
         trials_at_once=args.trials_at_once, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial, seed=args.seed,
@@ -123,6 +129,9 @@ def configs(args: argparse.Namespace) -> tuple[SearchConfig, PublishConfig, Path
                           augment_choices=("off",) if args.no_augment else SpaceConfig().augment_choices),
         base=TrainConfig(val_fraction=args.val_fraction, seed=args.seed, mixed_precision=args.mixed_precision),
     )
+    top_k = given(args.top_k, "top_k", PUBLISH.top_k)
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1 (1: no ensemble); got {top_k}")
     if args.final_epochs < 0 or args.final_workers < 1 or search.space.min_batch % args.final_workers:
         raise ConfigError(f"--final-epochs must be >= 0 and --final-workers >= 1, a power of two <= --min-batch "
                           f"(the winner's batch is split among them); got {args.final_epochs}, {args.final_workers}")
@@ -131,7 +140,7 @@ def configs(args: argparse.Namespace) -> tuple[SearchConfig, PublishConfig, Path
         saved, saved_data_dir = load_settings(search.experiment_path)
         search = dataclasses.replace(saved, time_budget_s=search.time_budget_s)
         data_dir = saved_data_dir
-    publish = PublishConfig(registry=args.registry, top_k=args.top_k or smoke.get("top_k", PUBLISH.top_k),
+    publish = PublishConfig(registry=args.registry, top_k=top_k,
                             final_epochs=args.final_epochs, final_workers=args.final_workers,
                             final_use_gpu=args.final_use_gpu, final_cpus_per_worker=args.final_cpus_per_worker)
     return search, publish, data_dir

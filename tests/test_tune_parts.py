@@ -159,6 +159,12 @@ def test_tune_job_rejects_bad_options_and_unresumable_folders(tmp_path, capsys):
     assert "powers of two" in capsys.readouterr().err
     assert run_job(["--final-workers", "0", *storage]) == 2
     assert "--final-workers" in capsys.readouterr().err
+    assert run_job(["--num-samples", "0", *storage]) == 2  # refused, not replaced by the default
+    assert "num_samples and max_epochs must be >= 1" in capsys.readouterr().err
+    assert run_job(["--smoke", "--max-epochs", "0", *storage]) == 2
+    assert "num_samples and max_epochs must be >= 1" in capsys.readouterr().err
+    assert run_job(["--top-k", "0", *storage]) == 2
+    assert "--top-k must be >= 1" in capsys.readouterr().err
     assert run_job(["--resume", "--name", "missing", *storage]) == 2
     assert "no search to resume" in capsys.readouterr().err
     # A driver killed before Tune's first snapshot leaves a tuner file and nothing to restore.
