@@ -53,12 +53,17 @@ def test_metrics(model, test: MnistSplit) -> dict[str, Any]:
     return classification_metrics(predict_proba(model, test.images), test.labels)
 
 
+def test_figures(model, test: MnistSplit) -> tuple[dict[str, Any], np.ndarray]:
+    """The figures an artifact records from its one test evaluation, and the probabilities behind them."""
+    probs = predict_proba(model, test.images)
+    metrics = classification_metrics(probs, test.labels)
+    return {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_count": metrics["count"],
+            "data_md5": test.md5}, probs
+
+
 def test_evaluation(model, data_dir: Path | str | None = None) -> dict[str, Any]:
     """The one test evaluation of a model that is kept: the figures its artifact records."""
-    test = load_split("test", data_dir)
-    metrics = test_metrics(model, test)
-    return {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_count": metrics["count"],
-            "data_md5": test.md5}
+    return test_figures(model, load_split("test", data_dir))[0]
 
 
 def keep(fitted, out_dir: Path | str, data_dir: Path | str | None = None) -> dict[str, Any]:

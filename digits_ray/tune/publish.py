@@ -21,7 +21,7 @@ from digits_ray.data.mnist import MnistSplit, load_split
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import DigitsError
-from digits_ray.evaluate import classification_metrics, predict_proba
+from digits_ray.evaluate import classification_metrics, predict_proba, test_figures
 from digits_ray.train import distributed
 from digits_ray.train.result import FitResult
 from digits_ray.tune import report, space, trial
@@ -79,13 +79,6 @@ def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish:
     return distributed.fit(cfg, scale, data)
 
 
-def _test_figures(model: Any, test: MnistSplit) -> tuple[dict[str, Any], np.ndarray]:
-    probs = predict_proba(model, test.images)
-    metrics = classification_metrics(probs, test.labels)
-    return {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"], "test_count": metrics["count"],
-            "data_md5": test.md5}, probs
-
-
 def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: TrainValData, test: MnistSplit,
                       out: Path, winner_metadata: dict[str, Any]) -> dict[str, Any] | None:
     """The best of the top trials' best epochs, averaged, as an artifact folder; its one test evaluation included.
@@ -109,7 +102,7 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
     rows, members = rows.head(size), candidates[:size]
     model = build_ensemble(members)
     val = classification_metrics(predict_proba(model, data.x_val), data.y_val)
-    test_figures, _ = _test_figures(model, test)
+    tested, _ = test_figures(model, test)
     metadata = {
         "model": "ensemble",
         "model_params": {"members": rows[["trial_id", "model", "val_accuracy", "path"]].to_dict("records"),
@@ -122,8 +115,8 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
         "validation": {"best_epoch": None, "val_accuracy": val["accuracy"], "val_loss": val["loss"]},
         "trained_with": {"runner": "ensemble", "members": len(members), "candidates": len(candidates),
                          "size_chosen_on": "validation accuracy of the average of the top 2..k trials"},
-        "test_accuracy": test_figures["test_accuracy"],
-        "test_loss": test_figures["test_loss"],
+        "test_accuracy": tested["test_accuracy"],
+        "test_loss": tested["test_loss"],
     }
     history = rows[["trial_id", "model", "val_accuracy", "val_loss", "best_epoch"]]
     artifact.write_artifact(out, model, metadata, history)
@@ -143,8 +136,8 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
     test = load_split("test", data_dir)  # the test set, read once, for the models this entry keeps
 
     def build(entry: Path) -> dict[str, Any]:
-        test_figures, probs = _test_figures(fitted.model, test)
-        metadata = fitted.write_artifact(entry, test=test_figures)
+        tested, probs = test_figures(fitted.model, test)
+        metadata = fitted.write_artifact(entry, test=tested)
         plots.history(fitted.history, entry / registry.SEARCH_DIR / "winner_history.png")
         plots.confusion(np.asarray(classification_metrics(probs, test.labels)["confusion_matrix"]),
                         entry / registry.SEARCH_DIR / "winner_confusion_matrix.png")
