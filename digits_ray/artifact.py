@@ -2,7 +2,7 @@
 
     <dir>/
       model.keras       the model in Keras's native format (weights, architecture, optimizer state)
-      metadata.json     what produced it and how well it does (``REQUIRED_METADATA``, then
+      metadata.json     what produced it, what it reads (``input``) and how well it does (``REQUIRED_METADATA``, then
                         ``TEST_METADATA`` from the one test evaluation)
       history.csv       one row per epoch: loss, accuracy, val_loss, val_accuracy, lr, seconds, ended_at
       report/           plots and report.json, written by ``digits_ray evaluate``
@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from digits_ray.errors import DigitsError
+from digits_ray.schema import INPUT_CONTRACT
 
 FORMAT = "digits-ray-model/1"
 MODEL_FILE = "model.keras"
@@ -105,7 +106,8 @@ def write_artifact(out_dir: Path | str, model, metadata: dict[str, Any], history
     try:
         save_model(model, staging / MODEL_FILE)
         history.to_csv(staging / HISTORY_FILE, index=False)
-        stamped = {"format": FORMAT, "created": datetime.now(UTC).isoformat(timespec="seconds")}
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        stamped = {"format": FORMAT, "created": created, "input": INPUT_CONTRACT}
         write_json_atomic(staging / METADATA_FILE, {**stamped, **metadata})
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")

@@ -132,6 +132,27 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from digits_ray import batch_predict
+    from digits_ray.registry import model_to_serve
+
+    if bool(args.images) == bool(args.dir):
+        raise ConfigError("give image files or --dir FOLDER (one of the two)")
+    model_dir = model_to_serve(args.model)
+    if args.dir:
+        if not args.dir.is_dir():
+            raise ConfigError(f"--dir {args.dir} is not a folder")
+        from digits_ray.ray_backend import init_ray
+
+        init_ray(args.num_cpus, args.address)
+        rows = batch_predict.predict_folder(model_dir, args.dir.resolve(), args.max_actors)
+    else:
+        rows = batch_predict.predict_paths(model_dir, args.images)
+    count = batch_predict.write_rows(args.out, rows)
+    print(f"{count} predictions by {model_dir} written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m digits_ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", type=Path, default=None)
     evaluate.add_argument("--report-dir", type=Path, default=None, help="default: ARTIFACT/report")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="predict image files (or a folder, through Ray Data) into a CSV")
+    predict.add_argument("images", nargs="*", type=Path, help="image files (PNG, JPEG, ...)")
+    predict.add_argument("--dir", type=Path, default=None, help="a folder of images, read through Ray Data")
+    predict.add_argument("--model", type=Path, default=None,
+                         help="model folder (default: $DIGITS_MODEL, else the registry's best)")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    predict.add_argument("--max-actors", type=int, default=None, help="--dir: predictor actors (default: 1 per CPU)")
+    predict.add_argument("--num-cpus", type=float, default=None, help="--dir: CPUs of a local Ray instance")
+    predict.add_argument("--address", default=None, help="--dir: Ray address (default: running cluster, else local)")
+    predict.set_defaults(func=cmd_predict)
 
     preview = sub.add_parser("augment-preview", help="PNG of original digits beside augmented versions")
     preview.add_argument("--aug", type=parse_param, action="append", default=[], metavar="KEY=VALUE",

@@ -13,13 +13,13 @@ import numpy as np
 
 from digits_ray import artifact, plots
 from digits_ray.data.mnist import MnistSplit, load_split
+from digits_ray.predict import Predictor
 from digits_ray.schema import NUM_CLASSES
-
-PREDICT_BATCH = 1024
 
 
 def predict_proba(model, images: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(images, batch_size=PREDICT_BATCH, verbose=0), dtype=np.float64)
+    """The ten probabilities per image, through the predictor that batch prediction and Serve use."""
+    return Predictor(model).probabilities(images)
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -79,9 +79,8 @@ def evaluate_artifact(
 ) -> dict[str, Any]:
     """Evaluate an artifact on the test set, write the report and record the figures in its metadata."""
     folder = Path(folder)
-    model = artifact.load_model(folder)
     test = load_split("test", data_dir)
-    probs = predict_proba(model, test.images)
+    probs = Predictor.from_artifact(folder).probabilities(test.images)
     metrics = classification_metrics(probs, test.labels)
     out = Path(report_dir) if report_dir else folder / artifact.REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)

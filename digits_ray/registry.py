@@ -30,6 +30,7 @@ from digits_ray import artifact
 from digits_ray.errors import DigitsError
 
 REGISTRY_ENV = "DIGITS_REGISTRY"
+MODEL_ENV = "DIGITS_MODEL"  # a model folder that batch prediction and Serve read instead of the registry's best
 DEFAULT_REGISTRY = Path("models")
 INDEX_FILE = "index.json"
 FORMAT = "digits-ray-registry/1"
@@ -59,6 +60,12 @@ def best_entry(registry: Path | str | None = None) -> Path:
         raise RegistryError(f"the registry {folder} has no published model yet; run jobs/tune.py, or name a "
                             f"model folder")
     return folder / best
+
+
+def model_to_serve(folder: Path | str | None = None) -> Path:
+    """The model folder to predict with: ``folder``, else $DIGITS_MODEL, else the registry's best entry."""
+    chosen = folder or os.environ.get(MODEL_ENV)
+    return (Path(chosen).expanduser() if chosen else best_entry()).resolve()
 
 
 @contextmanager

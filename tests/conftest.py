@@ -65,3 +65,19 @@ def ray_local(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, runtime_env=runtime_env())
     yield tmp_path_factory.mktemp("ray_storage")
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digit_model(tmp_path_factory) -> Path:
+    """A small CNN trained for a few seconds on the small subset (about 95% test): an artifact folder to
+    predict and serve with. Good enough to read digits drawn in a browser."""
+    from digits_ray.config import TrainConfig
+    from digits_ray.data.split import load_train_val
+    from digits_ray.evaluate import keep
+    from digits_ray.train.local import fit
+
+    cfg = TrainConfig(model="cnn_bn", epochs=4, batch_size=64, learning_rate=3e-3,
+                      model_params={"pool_after_each": True}, augment={})
+    folder = tmp_path_factory.mktemp("digit-model") / "cnn_bn"
+    keep(fit(cfg, load_train_val(cfg.val_fraction, cfg.seed, SMALL_MNIST), verbose=0), folder, SMALL_MNIST)
+    return folder

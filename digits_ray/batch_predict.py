@@ -1,0 +1,125 @@
+"""Batch prediction of image files to a CSV: a few files in this process, a folder through Ray Data.
+
+A folder is read with ``ray.data.read_binary_files`` and predicted by ``map_batches`` on an autoscaling
+actor pool, each actor holding one ``Predictor``: the same command handles a million files on a
+cluster. A file that cannot be read as a digit gets a row with its error, never disappears.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digits_ray.images import ImageError, image_to_mnist
+from digits_ray.predict import Predictor
+
+COLUMNS = ("file", "digit", "confidence", "top3", "error")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "gif", "bmp", "tif", "tiff", "webp", "pgm", "ppm")
+ROWS_PER_BATCH = 256
+
+
+def top3_text(top3: list[dict[str, Any]]) -> str:
+    """``7:0.9981 1:0.0012 9:0.0003``: the three likeliest digits with their probabilities."""
+    return " ".join(f"{t['digit']}:{t['probability']:.4f}" for t in top3)
+
+
+def predict_bytes(predictor: Predictor, names: Sequence[str],
+                  payloads: Sequence[bytes | ImageError]) -> list[dict[str, Any]]:
+    """One CSV row per file, in the given order; unreadable files get their error and no digit."""
+    images, rows = [], []
+    for name, data in zip(names, payloads):
+        try:
+            if isinstance(data, ImageError):
+                raise data
+            images.append(image_to_mnist(data))
+            rows.append({"file": name, "digit": None, "confidence": None, "top3": "", "error": ""})
+        except ImageError as err:
+            rows.append({"file": name, "digit": None, "confidence": None, "top3": "", "error": str(err)})
+    good = [row for row in rows if not row["error"]]
+    for row, prediction in zip(good, predictor.predict(np.stack(images)) if images else []):
+        row.update(digit=prediction["digit"], confidence=round(prediction["confidence"], 6),
+                   top3=top3_text(prediction["top3"]))
+    return rows
+
+
+class PredictFiles:
+    """Ray Data actor: loads the predictor once, then turns batches of file bytes into CSV rows."""
+
+    def __init__(self, model_dir: str, tf_threads: int) -> None:
+        from digits_ray.keras_api import tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        self.predictor = Predictor.from_artifact(model_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        rows = predict_bytes(self.predictor, [str(p) for p in batch["path"]], list(batch["bytes"]))
+        return {column: [row[column] for row in rows] for column in COLUMNS}
+
+
+def write_rows(out: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Stream rows into ``out`` atomically (a temporary sibling renamed at the end); returns the count."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+                count += 1
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def _read(path: Path) -> bytes | ImageError:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        return ImageError(f"cannot read the file: {err.strerror}")
+
+
+def predict_paths(model_dir: Path, paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """A few files, in this process (no Ray)."""
+    predictor = Predictor.from_artifact(model_dir)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(paths), ROWS_PER_BATCH):
+        chunk = paths[start: start + ROWS_PER_BATCH]
+        rows.extend(predict_bytes(predictor, [str(p) for p in chunk], [_read(p) for p in chunk]))
+    return rows
+
+
+def predict_folder(model_dir: Path, folder: Path, max_actors: int | None = None,
+                   cpus_per_actor: float = 1.0) -> Iterator[dict[str, Any]]:
+    """Every image file under ``folder`` (recursively, by extension), through Ray Data; rows in path order."""
+    import ray
+
+    from digits_ray.ray_backend import quiet_data_progress
+
+    quiet_data_progress()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = max_actors or max(1, int(cluster_cpus // cpus_per_actor))
+    files = ray.data.read_binary_files(str(folder), include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
+    rows = files.map_batches(
+        PredictFiles,
+        fn_constructor_kwargs={"model_dir": str(model_dir), "tf_threads": max(1, int(cpus_per_actor))},
+        batch_size=ROWS_PER_BATCH,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        num_cpus=cpus_per_actor,
+    )
+    for batch in rows.iter_batches(batch_size=ROWS_PER_BATCH, batch_format="pandas"):
+        for record in batch.to_dict("records"):
+            yield {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in record.items()}

@@ -1,0 +1,1 @@
+"""Ray Serve: a FastAPI ingress, a batching model deployment and the drawing page (``serve_app.py`` builds it)."""

@@ -1,0 +1,143 @@
+"""POST /predict bodies -> uint8 (28, 28) images, with a 4xx and a plain reason for anything else.
+
+Accepted: an image file as the raw body (``image/*`` or ``application/octet-stream``); ``multipart/form-data``
+with one ``file`` or up to ``max_images`` ``files``; JSON ``{"pixels": 28x28}`` or ``{"images": [28x28, ...]}``
+(numbers in [0, 255], white on black). Serve does not limit request bodies, so the size is checked here: from
+Content-Length before reading, and again while reading a body sent without one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from digits_ray.images import ImageError, ImageLimits, image_to_mnist, pixels_to_mnist
+from digits_ray.schema import IMAGE_SIZE
+from digits_ray.serve.settings import ServeSettings
+
+ACCEPTED = (
+    "POST an image file as the body (Content-Type image/png, image/jpeg, ... or application/octet-stream); "
+    "multipart/form-data with a 'file' field (one image) or 'files' fields (a batch); or application/json "
+    f'{{"pixels": {IMAGE_SIZE}x{IMAGE_SIZE} numbers in [0, 255]}} or {{"images": [such arrays]}}'
+)
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and what was wrong (the response adds what is accepted)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def body(self) -> dict[str, str]:
+        return {"error": str(self), "accepted": ACCEPTED}
+
+
+@dataclass
+class Parsed:
+    images: list[np.ndarray]
+    batch: bool  # the client sent a batch form ('files' or "images"): the answer is a list
+
+
+async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, f"Content-Length {declared!r} is not a byte count")
+        if int(declared) > limit:
+            raise RequestError(413, f"the body is {int(declared):,} bytes; the limit is {limit:,} bytes")
+    chunks, size = [], 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _image(data: bytes, limits: ImageLimits, where: str = "") -> np.ndarray:
+    try:
+        return image_to_mnist(data, limits)
+    except ImageError as err:
+        raise RequestError(422 if data else 400, f"{where}{err}") from None
+
+
+def _count(n: int, settings: ServeSettings) -> None:
+    if n == 0:
+        raise RequestError(422, "the batch is empty: send at least one image")
+    if n > settings.max_images:
+        raise RequestError(413, f"{n} images in one request; at most {settings.max_images} are accepted")
+
+
+def from_json(body: bytes, settings: ServeSettings) -> Parsed:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"the body is not valid JSON ({err})") from None
+    if not isinstance(payload, dict) or len(set(payload) & {"pixels", "images"}) != 1:
+        got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise RequestError(422, f'JSON must be an object with "pixels" (one image) or "images" (a batch); got {got}')
+    try:
+        if "pixels" in payload:
+            return Parsed([pixels_to_mnist(payload["pixels"])], batch=False)
+        images = payload["images"]
+        if not isinstance(images, list):
+            raise RequestError(422, f'"images" must be a list of {IMAGE_SIZE}x{IMAGE_SIZE} arrays')
+        _count(len(images), settings)
+        parsed = []
+        for i, pixels in enumerate(images):
+            try:
+                parsed.append(pixels_to_mnist(pixels))
+            except ImageError as err:
+                raise RequestError(422, f"images[{i}]: {err}") from None
+        return Parsed(parsed, batch=True)
+    except ImageError as err:
+        raise RequestError(422, str(err)) from None
+
+
+async def from_multipart(headers: Any, body: bytes, settings: ServeSettings) -> Parsed:
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def replay() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(headers, replay(), max_files=settings.max_images, max_fields=8,
+                             max_part_size=settings.max_body_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise RequestError(413 if "Too many" in str(err) else 400, f"bad multipart body: {err}") from None
+    items = form.multi_items()
+    names = sorted({name for name, _ in items})
+    if names not in (["file"], ["files"]):
+        raise RequestError(422, f"multipart fields must be 'file' (one image) or 'files' (a batch); got {names}")
+    if names == ["file"] and len(items) != 1:
+        raise RequestError(422, f"'file' holds one image; got {len(items)}: use 'files' for a batch")
+    _count(len(items), settings)
+    limits = ImageLimits(settings.max_image_pixels)
+    images = []
+    for i, (name, value) in enumerate(items):
+        if not isinstance(value, UploadFile):
+            raise RequestError(422, f"field {name!r} #{i} is text, not a file upload")
+        images.append(_image(await value.read(), limits, f"{value.filename or name} #{i}: "))
+    return Parsed(images, batch=names == ["files"])
+
+
+async def parse(headers: Any, stream: AsyncIterator[bytes], settings: ServeSettings) -> Parsed:
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    raw_image = content_type.startswith("image/") or content_type in ("application/octet-stream", "")
+    if not (raw_image or content_type in ("application/json", "multipart/form-data")):
+        raise RequestError(415, f"Content-Type {content_type!r} is not accepted")
+    body = await read_body(headers, stream, settings.max_body_bytes)
+    if not body:
+        raise RequestError(400, "the body is empty")
+    if content_type == "application/json":
+        return from_json(body, settings)
+    if content_type == "multipart/form-data":
+        return await from_multipart(headers, body, settings)
+    return Parsed([_image(body, ImageLimits(settings.max_image_pixels))], batch=False)
