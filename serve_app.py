@@ -2,69 +2,25 @@
 
     serve run serve_app:app                         # model: $DIGITS_MODEL, else the registry's best
     serve run serve_app:builder model=models/ENTRY  # model (and limits) as arguments
-    serve deploy cluster/serve.yaml                 # on a running cluster (RAY_AUTH_MODE=token)
-    python serve_app.py --model models/ENTRY        # standalone: starts a local Ray, serves until Ctrl-C
+    serve deploy cluster/serve.yaml                 # on a running cluster (the same app, by package path)
+    python serve_app.py --model models/ENTRY        # standalone: starts (or joins) Ray, serves until Ctrl-C
 
 $DIGITS_SERVE_TOKEN, when set where the app is built, makes /predict require "Authorization: Bearer <token>".
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from typing import Any
 
-from digits_ray.errors import DigitsError
+from digits_ray.serve import application as _application
+from digits_ray.serve.application import builder, main
 
-
-def builder(args: dict[str, str]) -> Any:
-    """Application builder for ``serve run serve_app:builder KEY=VALUE``; keys: see settings.BUILDER_ARGS."""
-    from digits_ray.serve.app import build_app
-    from digits_ray.serve.settings import settings_from_args
-
-    settings, replicas = settings_from_args(args)
-    return build_app(settings, replicas)
+__all__ = ["builder", "main"]  # and `app`, built on first access
 
 
 def __getattr__(name: str) -> Any:
-    # `app` is built on first access, not at import: `serve run serve_app:builder model=...` imports this
-    # module too, and must not fail because $DIGITS_MODEL is unset or the registry is still empty.
-    if name == "app":
-        return builder({})
+    if name == "app":  # built on first access: see digits_ray/serve/application.py
+        return _application.app
     raise AttributeError(name)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: $DIGITS_MODEL, else registry best)")
-    parser.add_argument("--host", default=None, help="bind address (default: $DIGITS_SERVE_HOST, else 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: $DIGITS_SERVE_PORT, else 8000)")
-    parser.add_argument("--replicas", type=int, default=None, help="fixed model replicas (default: autoscale)")
-    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray instance")
-    parser.add_argument("--address", default=None, help="Ray address (default: running cluster, else local)")
-    args = parser.parse_args(argv)
-    try:
-        from ray import serve
-
-        from digits_ray.ray_backend import init_ray
-        from digits_ray.serve.settings import APP_NAME, http_options
-
-        options = http_options(args.host, args.port)
-        app = builder({k: str(v) for k, v in (("model", args.model), ("replicas", args.replicas)) if v})
-        init_ray(args.num_cpus, args.address)
-        serve.start(http_options=options)
-        serve.run(app, name=APP_NAME, route_prefix="/")
-    except DigitsError as err:
-        parser.exit(2, f"error: {err}\n")
-    print(f"serving on http://{options['host']}:{options['port']}/ (Ctrl-C stops)", flush=True)
-    import time
-
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-    return 0
 
 
 if __name__ == "__main__":
