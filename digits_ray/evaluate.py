@@ -79,8 +79,9 @@ def evaluate_artifact(
 ) -> dict[str, Any]:
     """Evaluate an artifact on the test set, write the report and record the figures in its metadata."""
     folder = Path(folder)
+    predictor = Predictor.from_artifact(folder)  # a folder that is not an artifact fails before any data loads
     test = load_split("test", data_dir)
-    probs = Predictor.from_artifact(folder).probabilities(test.images)
+    probs = predictor.probabilities(test.images)
     metrics = classification_metrics(probs, test.labels)
     out = Path(report_dir) if report_dir else folder / artifact.REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
