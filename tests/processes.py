@@ -62,3 +62,23 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def session_pids(leaders) -> set[int]:
+    """Live processes in the sessions that these PIDs opened (``setsid``), the leaders included.
+
+    They include what ``marked_pids`` cannot see: Ray's agents and dashboard modules write their process
+    title over their environment. A session ID is not reused while a process still holds it.
+    """
+    wanted = {int(pid) for pid in leaders}
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2:].split()[:4]
+            if state != "Z" and int(session) in wanted:
+                pids.add(int(proc.name))
+    return pids

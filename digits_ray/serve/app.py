@@ -27,7 +27,7 @@ from digits_ray.images import data_url, png_bytes, saliency_overlay
 from digits_ray.predict import describe
 from digits_ray.schema import IMAGE_SIZE
 from digits_ray.serve.inputs import RequestError, parse
-from digits_ray.serve.settings import ServeSettings, token_digest
+from digits_ray.serve.settings import REPLICA_ENV, ModelScaling, ServeSettings, token_digest
 
 api = FastAPI(
     title="digits-ray",
@@ -60,7 +60,7 @@ class DigitsModel:
         """uint8 (N, 28, 28) -> probabilities (N, 10); N is one request's images."""
         return await self._batched(images)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=ModelScaling.max_batch_size, batch_wait_timeout_s=ModelScaling.batch_wait_timeout_s)
     async def _batched(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         sizes = np.cumsum([len(r) for r in requests])[:-1]
         # In a thread: the replica's event loop keeps collecting the next batch meanwhile.
@@ -156,7 +156,7 @@ def build_app(settings: ServeSettings, model_replicas: int | None = None) -> ser
     model = DigitsModel.options(**scaling.deployment_options(model_replicas)).bind(
         settings.model_dir, scaling.tf_threads, scaling.max_batch_size, scaling.batch_wait_timeout_s)
     ingress = DigitsIngress.options(
-        ray_actor_options={"num_cpus": settings.ingress_cpus},
+        ray_actor_options={"num_cpus": settings.ingress_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
     )
     return ingress.bind(model, settings)

@@ -23,6 +23,12 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# Replica processes run our async handlers on Serve's own event loop instead of a second one in a
+# thread: one cross-thread hop less per request (about 3 ms of 16 at p50 on 2 cores). Our handlers never
+# block that loop for long: inference runs in a worker thread, sync methods in Serve's thread pool.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
 @dataclass(frozen=True)
 class ModelScaling:
     """The model deployment's replicas and batching, sized for a 2-CPU machine by default."""
@@ -33,7 +39,7 @@ class ModelScaling:
     num_cpus: float = 0.5
     tf_threads: int = 1  # TensorFlow intra-op threads per replica (replicas, not threads, scale out)
     max_batch_size: int = 32  # calls merged by @serve.batch (a call carries one request's images)
-    batch_wait_timeout_s: float = 0.002
+    batch_wait_timeout_s: float = 0.0005  # at low load a lone request waits this long for company
     max_ongoing_requests: int = 64  # >= max_batch_size, so batches can fill
 
     def deployment_options(self, replicas: int | None = None) -> dict[str, Any]:
@@ -43,7 +49,7 @@ class ModelScaling:
             {"autoscaling_config": {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                                     "target_ongoing_requests": self.target_ongoing_requests,
                                     "upscale_delay_s": 3, "downscale_delay_s": 60}})
-        return {**scaling, "ray_actor_options": {"num_cpus": self.num_cpus},
+        return {**scaling, "ray_actor_options": {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": REPLICA_ENV}},
                 "max_ongoing_requests": self.max_ongoing_requests}
 
 
