@@ -79,7 +79,7 @@ def _page() -> str:
 @serve.ingress(api)
 class DigitsIngress:
     def __init__(self, model: DeploymentHandle, settings: ServeSettings) -> None:
-        self.model = model
+        self.model = model  # the DigitsModel deployment
         self.settings = settings
         self.page = _page()
         self._info: dict[str, Any] | None = None
@@ -99,7 +99,7 @@ class DigitsIngress:
         return {"status": "ok", "model": {k: info[k] for k in ("name", "version")}}
 
     @api.get("/model")
-    async def model(self) -> dict[str, Any]:
+    async def model_metadata(self) -> dict[str, Any]:
         """The served model's metadata (what trained it, validation and test figures)."""
         info = await self.model_info()
         return {**info, "auth_required": self.settings.token_sha256 is not None,
