@@ -141,11 +141,15 @@ async def batched(url: str, pngs: list[bytes], batch: int, clients: int, seconds
             nonlocal errors, images
             while time.perf_counter() < deadline:
                 sent = time.perf_counter()
-                async with session.post(f"{url}/predict", data=form()) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                        continue
+                try:
+                    async with session.post(f"{url}/predict", data=form()) as response:
+                        await response.read()
+                        if response.status != 200:
+                            errors += 1
+                            continue
+                except aiohttp.ClientError:
+                    errors += 1
+                    continue
                 latencies.append(time.perf_counter() - sent)
                 images += batch
 
@@ -283,9 +287,11 @@ def report(results: list[dict[str, Any]], accuracy: dict[str, Any] | None, model
     batch_rows = [{"server": r["server"], "images_per_s": f"{r['batched']['images_per_s']:.0f}",
                    "p50": r["batched"]["p50_ms"], "p99": r["batched"]["p99_ms"], "errors": r["batched"]["errors"]}
                   for r in results]
-    plain_p50 = next(row["p50_ms"] for row in results[0]["rates"] if row["rate"] == TARGETS["rate"])
-    ratios = {r["server"]: round(next(row["p50_ms"] for row in r["rates"] if row["rate"] == TARGETS["rate"])
-                                 / plain_p50, 2) for r in results[1:]} if TARGETS["rate"] in args.rates else {}
+    def p50_at_target(result: dict[str, Any]) -> float:
+        return next(row["p50_ms"] for row in result["rates"] if row["rate"] == TARGETS["rate"])
+
+    ratios = ({r["server"]: round(p50_at_target(r) / p50_at_target(results[0]), 2) for r in results[1:]}
+              if TARGETS["rate"] in args.rates else {})
     lines = [
         f"# Serving load test: `{metadata['model']}` ({Path(model).name})",
         "",
@@ -307,7 +313,9 @@ def report(results: list[dict[str, Any]], accuracy: dict[str, Any] | None, model
                       f"({accuracy['images']} images); the same model offline: {accuracy['offline_accuracy']:.2%}."]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.tag}.md").write_text(text)
+    partial = RESULTS / f".{args.tag}.md.tmp"
+    partial.write_text(text)
+    os.replace(partial, RESULTS / f"{args.tag}.md")
     print(text)
     plot(results, RESULTS / f"{args.tag}_latency.png")
     save(args.tag, {"model": model, "model_name": metadata["model"], "targets": TARGETS, "results": results,

@@ -32,17 +32,18 @@ def top3_text(top3: list[dict[str, Any]]) -> str:
 def predict_bytes(predictor: Predictor, names: Sequence[str],
                   payloads: Sequence[bytes | ImageError]) -> list[dict[str, Any]]:
     """One CSV row per file, in the given order; unreadable files get their error and no digit."""
-    images, rows = [], []
+    images, readable, rows = [], [], []
     for name, data in zip(names, payloads):
+        row = {"file": name, "digit": None, "confidence": None, "top3": "", "error": ""}
         try:
             if isinstance(data, ImageError):
                 raise data
             images.append(image_to_mnist(data))
-            rows.append({"file": name, "digit": None, "confidence": None, "top3": "", "error": ""})
+            readable.append(row)
         except ImageError as err:
-            rows.append({"file": name, "digit": None, "confidence": None, "top3": "", "error": str(err)})
-    good = [row for row in rows if not row["error"]]
-    for row, prediction in zip(good, predictor.predict(np.stack(images)) if images else []):
+            row["error"] = str(err)
+        rows.append(row)
+    for row, prediction in zip(readable, predictor.predict(np.stack(images)) if images else []):
         row.update(digit=prediction["digit"], confidence=round(prediction["confidence"], 6),
                    top3=top3_text(prediction["top3"]))
     return rows

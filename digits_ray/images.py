@@ -23,6 +23,8 @@ from digits_ray.schema import IMAGE_SIZE
 FIT_BOX = 20  # MNIST scales the ink's bounding box to fit this square
 INK_THRESHOLD = 0.2  # a pixel is ink when brighter than this share of the brightest ink
 DEFAULT_MAX_PIXELS = 4096 * 4096  # declared width x height above this is refused before decoding
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # Pillow decoders we open (PPM: also PGM/PBM)
+FORMAT_NAMES = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WebP", "PGM/PPM")
 
 
 class ImageError(DigitsError):
@@ -34,34 +36,62 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the image header alone (nothing decoded); 0 when it is not an image."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data), formats=FORMATS).size
+        return width * height
+    except Exception:  # noqa: BLE001  (anything unreadable is refused later, by decode_gray, with its reason)
+        return 0
+
+
 def decode_gray(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """Any image Pillow reads -> float32 grayscale in [0, 255], transparency composited on white.
+    """An image file -> float32 grayscale in [0, 255], upright (EXIF), transparency composited on white.
 
     The declared size is checked from the header before any pixel is decoded, so a small file that
-    claims enormous dimensions (a decompression bomb) costs nothing.
+    claims enormous dimensions (a decompression bomb) costs nothing. Pillow's decoders raise many
+    kinds of exceptions on corrupt data (OSError, SyntaxError, ValueError, IndexError, struct.error,
+    ...): all of them mean "this is not a usable image", so all become an ImageError here.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
-        raise ImageError("empty image: send the bytes of a PNG, JPEG or other image Pillow reads")
+        raise ImageError("empty image: send the bytes of a PNG, JPEG or other image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise ImageError(f"image declares {width}x{height} pixels; at most {limits.max_pixels:,} "
                                  f"pixels are accepted")
-            image.load()
+            image.load()  # the first frame of an animation or a multi-page file
+            image = ImageOps.exif_transpose(image)
+            gray = _to_gray(image)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
-        raise ImageError("not an image: send a PNG, JPEG, GIF, BMP, TIFF or WebP file") from None
+        raise ImageError(f"not an image: send a {', '.join(FORMAT_NAMES)} file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"image too large to decode safely ({err}); at most {limits.max_pixels:,} pixels") from None
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data, from the decoder
-        raise ImageError(f"the image could not be decoded ({err}); send a complete image file") from None
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)  # animated GIF/WebP/TIFF: the first frame
-    if image.mode in ("P", "PA"):
+    except Exception as err:  # noqa: BLE001  (see the docstring)
+        raise ImageError(f"the image could not be decoded ({type(err).__name__}: {err}); send a complete, "
+                         f"valid image file") from None
+    return gray
+
+
+def _to_gray(image) -> np.ndarray:
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit: scale the range, do not clip it
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        return (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    if image.mode in ("P", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "La", "RGBa"):
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -116,7 +146,7 @@ def _centre(box: np.ndarray) -> np.ndarray:
     ys, xs = np.indices(box.shape)
     com_y = float((ys * box).sum() / total) if total else (height - 1) / 2
     com_x = float((xs * box).sum() / total) if total else (width - 1) / 2
-    centre = (IMAGE_SIZE - 1) / 2
+    centre = IMAGE_SIZE / 2  # where MNIST's digits have theirs: (14.0, 14.0) on average over the test set
     top = min(max(math.floor(centre - com_y + 0.5), 0), IMAGE_SIZE - height)
     left = min(max(math.floor(centre - com_x + 0.5), 0), IMAGE_SIZE - width)
     frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
@@ -131,13 +161,16 @@ def image_to_mnist(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarr
 
 def pixels_to_mnist(pixels: object) -> np.ndarray:
     """A 28x28 nested list of numbers in [0, 255] (JSON) -> uint8 (28, 28), without any resampling."""
+    wanted = f"pixels must be a {IMAGE_SIZE}x{IMAGE_SIZE} array of numbers in [0, 255]"
     try:
-        array = np.asarray(pixels, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ImageError(f"pixels must be a {IMAGE_SIZE}x{IMAGE_SIZE} array of numbers in [0, 255]") from None
+        array = np.asarray(pixels)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise ImageError(wanted) from None
     if array.shape != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ImageError(f"pixels must be a {IMAGE_SIZE}x{IMAGE_SIZE} array of numbers in [0, 255]; "
-                         f"got shape {list(array.shape)}")
+        raise ImageError(f"{wanted}; got shape {list(array.shape)}")
+    if array.dtype.kind not in "iuf":  # not booleans, strings, objects (ragged rows, huge integers)
+        raise ImageError(f"{wanted}; got {'booleans' if array.dtype.kind == 'b' else 'non-numbers'}")
+    array = array.astype(np.float64)
     if not np.isfinite(array).all():
         raise ImageError("pixels must be finite numbers in [0, 255]; got NaN or infinity")
     if array.min() < 0 or array.max() > 255:

@@ -9,6 +9,7 @@ costs tens.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class Predictor:
         self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True,
                                     input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.uint8)])
         self._saliency_paths: list[Any] | None = None
+        self._paths_lock = threading.Lock()  # Serve calls saliency from several threads at once
 
     @classmethod
     def from_artifact(cls, folder: Path | str) -> Predictor:
@@ -94,40 +96,46 @@ class Predictor:
     def predict(self, images: np.ndarray) -> list[dict[str, Any]]:
         return [describe(p) for p in self.probabilities(images)]
 
-    def saliency(self, image: np.ndarray, digit: int | None = None) -> np.ndarray:
-        """|d p(digit) / d pixel| scaled to [0, 1], shape (28, 28); ``digit`` defaults to the predicted one.
+    def gradient(self, image: np.ndarray, digit: int) -> np.ndarray:
+        """d p(digit) / d pixel, shape (28, 28), taken at the scaled float image (the uint8 input has none).
 
-        The gradient is taken at the scaled float image (the uint8 input has none). An ensemble's
-        probability is its members' mean, so its gradient is the mean of theirs.
+        An ensemble's probability is its members' mean, so its gradient is the mean of theirs.
         """
         from digits_ray.keras_api import tf
 
         paths = self._scaled_paths()
-        if digit is None:
-            digit = int(self.probabilities(image[None])[0].argmax())
         scaled = tf.constant(image[None].astype(np.float32) / 255.0)
         with tf.GradientTape() as tape:
             tape.watch(scaled)
             prob = tf.add_n([path(scaled, training=False)[0, digit] for path in paths]) / len(paths)
-        grad = np.abs(tape.gradient(prob, scaled).numpy()[0])
+        return tape.gradient(prob, scaled).numpy()[0]
+
+    def saliency(self, image: np.ndarray, digit: int | None = None) -> np.ndarray:
+        """|gradient| scaled to [0, 1]; ``digit`` defaults to the predicted one."""
+        if digit is None:
+            digit = int(self.probabilities(image[None])[0].argmax())
+        grad = np.abs(self.gradient(image, digit))
         peak = float(grad.max())
         return grad / peak if peak > 0 else grad
 
     def _scaled_paths(self) -> list[Any]:
-        """Sub-models from the scaled float image to the probabilities: the model's, or each member's."""
-        if self._saliency_paths is None:
-            from digits_ray.keras_api import keras
-
-            def path(model: Any) -> Any:
-                return keras.Model(model.get_layer(SCALED_INPUT_LAYER).input, model.output)
-
-            layer_names = {layer.name for layer in self.model.layers}
-            if SCALED_INPUT_LAYER in layer_names:
-                self._saliency_paths = [path(self.model)]
-            else:
-                members = [m for m in self.model.layers if isinstance(m, keras.Model)]
-                if not members or any(SCALED_INPUT_LAYER not in {x.name for x in m.layers} for m in members):
-                    raise PredictorError(f"model {self.info.name!r} has no {SCALED_INPUT_LAYER!r} layer; saliency "
-                                         f"needs a zoo model or an ensemble of them")
-                self._saliency_paths = [path(m) for m in members]
+        """Built once, under a lock: concurrent first calls must not build them twice."""
+        with self._paths_lock:
+            if self._saliency_paths is None:
+                self._saliency_paths = self._build_scaled_paths()
         return self._saliency_paths
+
+    def _build_scaled_paths(self) -> list[Any]:
+        """Sub-models from the scaled float image to the probabilities: the model's, or each member's."""
+        from digits_ray.keras_api import keras
+
+        def path(model: Any) -> Any:
+            return keras.Model(model.get_layer(SCALED_INPUT_LAYER).input, model.output)
+
+        if SCALED_INPUT_LAYER in {layer.name for layer in self.model.layers}:
+            return [path(self.model)]
+        members = [m for m in self.model.layers if isinstance(m, keras.Model)]
+        if not members or any(SCALED_INPUT_LAYER not in {x.name for x in m.layers} for m in members):
+            raise PredictorError(f"model {self.info.name!r} has no {SCALED_INPUT_LAYER!r} layer; saliency "
+                                 f"needs a zoo model or an ensemble of them")
+        return [path(m) for m in members]

@@ -44,12 +44,21 @@ def test_saliency_marks_the_ink_of_models_and_ensembles(digit_model, small_mnist
     assert saliency.shape == (28, 28) and saliency.max() == pytest.approx(1.0) and saliency.min() >= 0
     assert saliency[image > 0].mean() > saliency[image == 0].mean()  # the digit matters more than the margin
 
-    members = [artifact.load_model(digit_model), artifact.load_model(digit_model)]
+    first, second = artifact.load_model(digit_model), artifact.load_model(digit_model)
+    logits = second.get_layer("logits")
+    logits.set_weights([w * 0.4 for w in logits.get_weights()])  # a different member: softer probabilities
     metadata = {**artifact.read_metadata(digit_model), "model": "ensemble"}
-    artifact.write_artifact(tmp_path / "ens", build_ensemble(members), metadata, pd.DataFrame({"member": [0, 1]}))
+    artifact.write_artifact(tmp_path / "ens", build_ensemble([first, second]), metadata,
+                            pd.DataFrame({"member": [0, 1]}))
     ensemble = Predictor.from_artifact(tmp_path / "ens")
-    np.testing.assert_allclose(ensemble.probabilities(image[None]), predictor.probabilities(image[None]), atol=1e-6)
-    np.testing.assert_allclose(ensemble.saliency(image), saliency, atol=1e-5)  # two equal members: the same map
+    one, two = Predictor(artifact.load_model(digit_model)), Predictor(second)
+    digit = int(predictor.probabilities(image[None]).argmax())
+    np.testing.assert_allclose(ensemble.probabilities(image[None]),
+                               (one.probabilities(image[None]) + two.probabilities(image[None])) / 2, atol=1e-6)
+    # The ensemble's gradient is the mean of its members' (each through its own, single-model path).
+    expected = (one.gradient(image, digit) + two.gradient(image, digit)) / 2
+    assert not np.allclose(one.gradient(image, digit), two.gradient(image, digit), atol=1e-6)
+    np.testing.assert_allclose(ensemble.gradient(image, digit), expected, atol=1e-6)
 
 
 def test_a_model_with_another_input_is_refused():

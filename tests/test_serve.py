@@ -20,7 +20,7 @@ from digits_ray.data.mnist import load_split
 from digits_ray.images import png_bytes
 from digits_ray.predict import Predictor
 from tests.processes import free_ports
-from tests.test_images import png_declaring
+from tests.test_images import animated_gif, png_declaring
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-7f3a"
@@ -138,6 +138,15 @@ def test_bad_input_gets_a_4xx_saying_why_and_the_server_keeps_serving(server, di
         ("text multipart field", {"files": {"file": (None, "just text")}}, 422, "not a file"),
         ("blank image", {"data": png, "headers": {"Content-Type": "image/png"}}, 422, "blank"),
         ("explain too many", {"json": {"images": [image] * 17}, "params": {"explain": "true"}}, 422, "explain"),
+        ("deeply nested JSON", {"data": '{"pixels": ' + "[" * 5000 + "]" * 5000 + "}",
+                                "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
+        ("huge integers", {"data": json.dumps({"pixels": [[10 ** 400] * 28] * 28}),
+                           "headers": {"Content-Type": "application/json"}}, 422, "non-numbers"),
+        ("booleans", {"json": {"pixels": [[True] * 28] * 28}}, 422, "booleans"),
+        ("a cut animated GIF", {"data": animated_gif()[:150], "headers": {"Content-Type": "image/gif"}}, 422,
+         "no digit found"),  # its first frame decodes: one uniform color
+        ("images over the pixel budget", {"files": [("files", (f"{i}.png", png_declaring(4000, 4000)))
+                                                    for i in range(3)]}, 413, "pixels in all"),
     ]
     for what, kwargs, status, words in cases:
         response = requests.post(f"{server}/predict", timeout=60, **kwargs)
@@ -214,6 +223,23 @@ def test_the_drawing_page_reads_digits_drawn_in_chromium(server, tmp_path, digit
             for view in ("#seen", "#saliency"):
                 assert page.locator(view).get_attribute("src").startswith("data:image/png;base64,")
         page.screenshot(path=str(tmp_path / "drawn.png"), full_page=True)
+
+        # A finger on a touch screen: Chromium turns these touch events into the page's pointer events.
+        page.click("#clear")
+        touch = page.context.new_cdp_session(page)
+
+        def finger(kind: str, x: float, y: float) -> None:
+            touch.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [
+                {"x": box["x"] + x * box["width"], "y": box["y"] + y * box["height"]}]})
+
+        stroke = STROKES[1][0]
+        with page.expect_response("**/predict?explain=true"):
+            finger("touchStart", *stroke[0])
+            for (x0, y0), (x1, y1) in zip(stroke, stroke[1:]):
+                for t in np.linspace(0, 1, 7)[1:]:
+                    finger("touchMove", x0 + (x1 - x0) * t, y0 + (y1 - y0) * t)
+            touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        page.wait_for_function("document.getElementById('digit').textContent === '1'")
 
         upload = tmp_path / "upload.png"
         upload.write_bytes(png_bytes(255 - np.kron(digits.images[3], np.ones((8, 8), np.uint8))))

@@ -2,20 +2,23 @@
 
 Accepted: an image file as the raw body (``image/*`` or ``application/octet-stream``); ``multipart/form-data``
 with one ``file`` or up to ``max_images`` ``files``; JSON ``{"pixels": 28x28}`` or ``{"images": [28x28, ...]}``
-(numbers in [0, 255], white on black). Serve does not limit request bodies, so the size is checked here: from
-Content-Length before reading, and again while reading a body sent without one.
+(numbers in [0, 255], white on black; dark on light is inverted). Serve does not limit request bodies, so the
+size is checked here: from Content-Length before reading, and again while reading a body sent without one.
+Images are decoded in a worker thread, after the pixels all of them declare are checked against a per-request
+budget, so a request of large images neither blocks the replica's event loop nor exhausts its memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from digits_ray.images import ImageError, ImageLimits, image_to_mnist, pixels_to_mnist
+from digits_ray.images import ImageError, ImageLimits, declared_pixels, image_to_mnist, pixels_to_mnist
 from digits_ray.schema import IMAGE_SIZE
 from digits_ray.serve.settings import ServeSettings
 
@@ -46,7 +49,7 @@ class Parsed:
 async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> bytes:
     declared = headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise RequestError(400, f"Content-Length {declared!r} is not a byte count")
         if int(declared) > limit:
             raise RequestError(413, f"the body is {int(declared):,} bytes; the limit is {limit:,} bytes")
@@ -59,11 +62,20 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], limit: int) -> b
     return b"".join(chunks)
 
 
-def _image(data: bytes, limits: ImageLimits, where: str = "") -> np.ndarray:
-    try:
-        return image_to_mnist(data, limits)
-    except ImageError as err:
-        raise RequestError(422 if data else 400, f"{where}{err}") from None
+def _decode(payloads: Sequence[tuple[str, bytes]], settings: ServeSettings) -> list[np.ndarray]:
+    """(label, encoded image) pairs -> framed images; run in a worker thread."""
+    total = sum(declared_pixels(data) for _, data in payloads)
+    if total > settings.max_request_pixels:
+        raise RequestError(413, f"the images declare {total:,} pixels in all; at most {settings.max_request_pixels:,} "
+                                f"per request are accepted")
+    limits = ImageLimits(settings.max_image_pixels)
+    images = []
+    for label, data in payloads:
+        try:
+            images.append(image_to_mnist(data, limits))
+        except ImageError as err:
+            raise RequestError(422 if data else 400, f"{label}{err}") from None
+    return images
 
 
 def _count(n: int, settings: ServeSettings) -> None:
@@ -76,8 +88,8 @@ def _count(n: int, settings: ServeSettings) -> None:
 def from_json(body: bytes, settings: ServeSettings) -> Parsed:
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(400, f"the body is not valid JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, bad UTF-8, integers over 4300 digits, deep nesting
+        raise RequestError(400, f"the body is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(payload, dict) or len(set(payload) & {"pixels", "images"}) != 1:
         got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise RequestError(422, f'JSON must be an object with "pixels" (one image) or "images" (a batch); got {got}')
@@ -119,13 +131,12 @@ async def from_multipart(headers: Any, body: bytes, settings: ServeSettings) -> 
     if names == ["file"] and len(items) != 1:
         raise RequestError(422, f"'file' holds one image; got {len(items)}: use 'files' for a batch")
     _count(len(items), settings)
-    limits = ImageLimits(settings.max_image_pixels)
-    images = []
+    payloads = []
     for i, (name, value) in enumerate(items):
         if not isinstance(value, UploadFile):
             raise RequestError(422, f"field {name!r} #{i} is text, not a file upload")
-        images.append(_image(await value.read(), limits, f"{value.filename or name} #{i}: "))
-    return Parsed(images, batch=names == ["files"])
+        payloads.append((f"{value.filename or name} #{i}: ", await value.read()))
+    return Parsed(await asyncio.to_thread(_decode, payloads, settings), batch=names == ["files"])
 
 
 async def parse(headers: Any, stream: AsyncIterator[bytes], settings: ServeSettings) -> Parsed:
@@ -140,4 +151,4 @@ async def parse(headers: Any, stream: AsyncIterator[bytes], settings: ServeSetti
         return from_json(body, settings)
     if content_type == "multipart/form-data":
         return await from_multipart(headers, body, settings)
-    return Parsed([_image(body, ImageLimits(settings.max_image_pixels))], batch=False)
+    return Parsed(await asyncio.to_thread(_decode, [("", body)], settings), batch=False)
