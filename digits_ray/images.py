@@ -70,7 +70,7 @@ def decode_gray(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
                 raise ImageError(f"image declares {width}x{height} pixels; at most {limits.max_pixels:,} "
                                  f"pixels are accepted")
             image.load()  # the first frame of an animation or a multi-page file
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)
             gray = _to_gray(image)
     except ImageError:
         raise
