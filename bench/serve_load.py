@@ -84,6 +84,20 @@ def percentiles(latencies_s: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
 
 
+async def timed_post(session: Any, url: str, **request: Any) -> float | None:
+    """Seconds until POST /predict answered 200; None for another status or a dropped connection."""
+    import aiohttp
+
+    sent = time.perf_counter()
+    try:
+        async with session.post(f"{url}/predict", **request) as response:
+            await response.read()
+            ok = response.status == 200
+    except aiohttp.ClientError:
+        return None
+    return time.perf_counter() - sent if ok else None
+
+
 async def fixed_rate(url: str, pngs: list[bytes], rate: float, seconds: float) -> dict[str, Any]:
     """Open loop: request i is sent at start + i / rate, whether or not earlier ones came back."""
     import aiohttp
@@ -94,18 +108,11 @@ async def fixed_rate(url: str, pngs: list[bytes], rate: float, seconds: float) -
     async with aiohttp.ClientSession(connector=connector) as session:
         async def one(i: int) -> None:
             nonlocal errors
-            sent = time.perf_counter()
-            try:
-                async with session.post(f"{url}/predict", data=pngs[i % len(pngs)],
-                                        headers={"Content-Type": "image/png"}) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                        return
-            except aiohttp.ClientError:
+            latency = await timed_post(session, url, data=pngs[i % len(pngs)], headers={"Content-Type": "image/png"})
+            if latency is None:
                 errors += 1
-                return
-            latencies.append(time.perf_counter() - sent)
+            else:
+                latencies.append(latency)
 
         total = int(rate * seconds)
         start = time.perf_counter()
@@ -140,17 +147,11 @@ async def batched(url: str, pngs: list[bytes], batch: int, clients: int, seconds
         async def client() -> None:
             nonlocal errors, images
             while time.perf_counter() < deadline:
-                sent = time.perf_counter()
-                try:
-                    async with session.post(f"{url}/predict", data=form()) as response:
-                        await response.read()
-                        if response.status != 200:
-                            errors += 1
-                            continue
-                except aiohttp.ClientError:
+                latency = await timed_post(session, url, data=form())
+                if latency is None:
                     errors += 1
                     continue
-                latencies.append(time.perf_counter() - sent)
+                latencies.append(latency)
                 images += batch
 
         start = time.perf_counter()

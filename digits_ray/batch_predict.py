@@ -53,10 +53,9 @@ class PredictFiles:
     """Ray Data actor: loads the predictor once, then turns batches of file bytes into CSV rows."""
 
     def __init__(self, model_dir: str, tf_threads: int) -> None:
-        from digits_ray.keras_api import tf
+        from digits_ray.keras_api import limit_threads
 
-        tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        limit_threads(tf_threads)
         self.predictor = Predictor.from_artifact(model_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:

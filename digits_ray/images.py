@@ -99,13 +99,14 @@ def _to_gray(image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32)
 
 
-def _ink(gray: np.ndarray) -> np.ndarray:
-    """Ink brightness >= 0 on a 0 background: dark-on-light images are inverted, the background removed.
+def _background(gray: np.ndarray) -> float:
+    """The median of the border pixels: above mid-gray means dark ink on paper or a canvas."""
+    return float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
 
-    The background is the median of the border pixels: light borders mean dark ink on paper or a canvas.
-    """
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
+
+def _ink(gray: np.ndarray) -> np.ndarray:
+    """Ink brightness >= 0 on a 0 background: dark-on-light images are inverted, the background removed."""
+    background = _background(gray)
     ink = background - gray if background > 127.5 else gray - background
     return np.clip(ink, 0, None)
 
@@ -115,15 +116,14 @@ def to_mnist_frame(gray: np.ndarray) -> np.ndarray:
     if gray.ndim != 2 or gray.size == 0:
         raise ImageError(f"expected a 2-D grayscale image, got shape {gray.shape}")
     if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
-        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-        framed = 255.0 - gray if float(np.median(border)) > 127.5 else gray
+        framed = 255.0 - gray if _background(gray) > 127.5 else gray
         return np.clip(np.rint(framed), 0, 255).astype(np.uint8)
     ink = _ink(gray)
     peak = float(ink.max())
     if peak < 8:  # nothing but background (a blank canvas, an empty page)
         raise ImageError("no digit found: the image is blank (one uniform color); draw or photograph a digit")
-    rows = np.flatnonzero((ink > INK_THRESHOLD * peak).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD * peak).any(axis=0))
+    inked = ink > INK_THRESHOLD * peak
+    rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
     crop = ink[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1] * (255.0 / peak)
     return _centre(_fit(crop))
 

@@ -40,13 +40,10 @@ class DigitsModel:
     """One loaded model per replica; concurrent calls are merged into one forward pass."""
 
     def __init__(self, model_dir: str, tf_threads: int, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        from digits_ray.keras_api import tf
-
-        # Before the model runs its first op: each replica uses its own CPU share, and more replicas
-        # (not more threads per replica) scale the endpoint out.
-        tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        from digits_ray.keras_api import limit_threads
         from digits_ray.predict import Predictor
+
+        limit_threads(tf_threads)
 
         self.predictor = Predictor.from_artifact(model_dir)
         self.predictor.probabilities(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))  # trace before any request

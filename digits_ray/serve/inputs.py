@@ -93,22 +93,19 @@ def from_json(body: bytes, settings: ServeSettings) -> Parsed:
     if not isinstance(payload, dict) or len(set(payload) & {"pixels", "images"}) != 1:
         got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise RequestError(422, f'JSON must be an object with "pixels" (one image) or "images" (a batch); got {got}')
-    try:
-        if "pixels" in payload:
-            return Parsed([pixels_to_mnist(payload["pixels"])], batch=False)
-        images = payload["images"]
-        if not isinstance(images, list):
-            raise RequestError(422, f'"images" must be a list of {IMAGE_SIZE}x{IMAGE_SIZE} arrays')
+    single = "pixels" in payload
+    images = [payload["pixels"]] if single else payload["images"]
+    if not isinstance(images, list):
+        raise RequestError(422, f'"images" must be a list of {IMAGE_SIZE}x{IMAGE_SIZE} arrays')
+    if not single:
         _count(len(images), settings)
-        parsed = []
-        for i, pixels in enumerate(images):
-            try:
-                parsed.append(pixels_to_mnist(pixels))
-            except ImageError as err:
-                raise RequestError(422, f"images[{i}]: {err}") from None
-        return Parsed(parsed, batch=True)
-    except ImageError as err:
-        raise RequestError(422, str(err)) from None
+    parsed = []
+    for i, pixels in enumerate(images):
+        try:
+            parsed.append(pixels_to_mnist(pixels))
+        except ImageError as err:
+            raise RequestError(422, f"{'' if single else f'images[{i}]: '}{err}") from None
+    return Parsed(parsed, batch=not single)
 
 
 async def from_multipart(headers: Any, body: bytes, settings: ServeSettings) -> Parsed:
