@@ -99,6 +99,11 @@ def predict_paths(model_dir: Path, paths: Sequence[Path]) -> list[dict[str, Any]
     return rows
 
 
+def has_images(folder: Path) -> bool:
+    """Whether ``folder`` holds a file ``predict_folder`` reads; stops at the first one."""
+    return any(p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
+
+
 def predict_folder(model_dir: Path, folder: Path, max_actors: int | None = None,
                    cpus_per_actor: float = 1.0) -> Iterator[dict[str, Any]]:
     """Every image file under ``folder`` (recursively, by extension), through Ray Data; rows in path order."""

@@ -138,10 +138,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if bool(args.images) == bool(args.dir):
         raise ConfigError("give image files or --dir FOLDER (one of the two)")
+    if args.max_actors is not None and args.max_actors < 1:
+        raise ConfigError(f"--max-actors must be >= 1, got {args.max_actors}")
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; name the CSV file to write")
     model_dir = model_to_serve(args.model)
     if args.dir:
         if not args.dir.is_dir():
             raise ConfigError(f"--dir {args.dir} is not a folder")
+        if not batch_predict.has_images(args.dir):
+            raise ConfigError(f"--dir {args.dir} holds no image files (extensions read: "
+                              f"{', '.join(batch_predict.IMAGE_EXTENSIONS)})")
         from digits_ray.ray_backend import init_ray
 
         init_ray(args.num_cpus, args.address)

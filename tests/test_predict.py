@@ -100,10 +100,27 @@ def test_predict_files_writes_one_row_per_file_errors_included(digit_model, smal
     assert "7 predictions" in capsys.readouterr().out
 
 
-def test_predict_needs_files_or_a_folder(digit_model, tmp_path, capsys):
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "give image files or --dir"),
+    (["--dir", "{tmp}/empty"], "holds no image files"),
+    (["--dir", "{tmp}/empty", "--max-actors", "0"], "--max-actors must be >= 1"),
+    (["some.png", "--out", "{tmp}"], "is a folder"),
+    (["--dir", "{tmp}/missing"], "is not a folder"),
+])
+def test_predict_refuses_bad_options_in_one_line(digit_model, tmp_path, capsys, extra, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
     with pytest.raises(SystemExit) as stop:
-        cli(["predict", "--model", str(digit_model)])
-    assert stop.value.code == 2 and "give image files or --dir" in capsys.readouterr().err
+        cli(["predict", "--model", str(digit_model), *[a.format(tmp=tmp_path) for a in extra]])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_app_refuses_zero_replicas(capsys):
+    from digits_ray.serve.application import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--replicas", "0", "--model", "/nonexistent"])
+    assert stop.value.code == 2 and "replicas must be a positive integer" in capsys.readouterr().err
 
 
 def test_the_model_to_serve_is_the_flag_then_the_environment_then_the_registry(tmp_path, monkeypatch):

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         from digits_ray.serve.settings import APP_NAME, http_options
 
         options = http_options(args.host, args.port)
-        app = builder({k: str(v) for k, v in (("model", args.model), ("replicas", args.replicas)) if v})
+        app = builder({k: str(v) for k, v in (("model", args.model), ("replicas", args.replicas)) if v is not None})
         init_ray(args.num_cpus, args.address)
         serve.start(http_options=options)
         serve.run(app, name=APP_NAME, route_prefix="/")
