@@ -56,14 +56,19 @@ for s in socks:
 print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 read -r gcs dashboard agent_http agent_grpc node_manager object_manager runtime_env_agent metrics client \
-  autoscaler_metrics dashboard_metrics <<<"$(free_ports 11)"
+  autoscaler_metrics dashboard_metrics haproxy_stats haproxy_metrics <<<"$(free_ports 13)"
+# Serve's start-up switches (HAProxy in front of the replicas; digits_ray/serve/settings.py), read once by
+# every Ray process: they must be in the environment `ray start` runs with.
+read -r -a serve_env <<<"$(python -m digits_ray.serve.settings | tr '\n' ' ')" ||
+  die "python -m digits_ray.serve.settings failed: install the project (pip install -e .) in this environment"
 
 cluster_id="$(date +%s)-$$-$RANDOM"
 mode=$([[ $multi == 1 ]] && echo multi-node || echo loopback)
 # The markers let stop-local.sh find this node's processes. RAY_API_SERVER_ADDRESS: Ray's own State API
 # clients (Ray Train's placement-group cleaner) cannot tell which of several Rays on a machine is theirs.
 # No drain on SIGTERM: Ray 2.60 would wait up to 30s for an idle node before stopping.
-node_env=(RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dashboard"
+node_env=("${serve_env[@]}" RAY_SERVE_HAPROXY_STATS_PORT="$haproxy_stats" RAY_SERVE_HAPROXY_METRICS_PORT="$haproxy_metrics"
+          RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dashboard"
           RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
           AUTOSCALER_METRIC_PORT="$autoscaler_metrics" DASHBOARD_METRIC_PORT="$dashboard_metrics"
           DIGITS_RAY_CLUSTER="$cluster_id" DIGITS_RAY_NODE="$cluster_id:head")  # last: a long title overwrites the first
@@ -77,6 +82,9 @@ cat >"$dir/cluster" <<EOF
 CLUSTER_ID=$cluster_id
 MODE=$mode
 DASHBOARD_URL=http://127.0.0.1:$dashboard
+METRICS_PORT=$metrics
+HAPROXY_STATS_PORT=$haproxy_stats
+HAPROXY_METRICS_PORT=$haproxy_metrics
 EOF
 
 RAY_AUTH_MODE=token ray get-auth-token --generate >/dev/null

@@ -59,10 +59,28 @@ def ray_local(tmp_path_factory):
     import ray
 
     from digits_ray.ray_backend import runtime_env
+    from digits_ray.serve.settings import ray_start_env
+    from tests.processes import free_ports
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    # The dashboard serves the State API that Ray Train's placement-group cleaner needs (Tune tests).
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, runtime_env=runtime_env())
+    # Serve's start-up switches, as `python serve_app.py` sets them (HAProxy mode), in the environment Ray
+    # starts with, and only there: subprocesses of later tests start their own Rays without them. HAProxy's
+    # stats and metrics ports are fixed by default; this instance takes free ones.
+    stats, metrics = free_ports(2)
+    serve_env = {**ray_start_env(), "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+                 "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}
+    before = {name: os.environ.get(name) for name in serve_env}
+    os.environ.update(serve_env)
+    try:
+        # The dashboard serves the State API that Ray Train's placement-group cleaner needs (Tune tests).
+        ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+                 runtime_env=runtime_env())
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     yield tmp_path_factory.mktemp("ray_storage")
     ray.shutdown()
 
@@ -79,5 +97,19 @@ def digit_model(tmp_path_factory) -> Path:
     cfg = TrainConfig(model="cnn_bn", epochs=4, batch_size=64, learning_rate=3e-3,
                       model_params={"pool_after_each": True}, augment={})
     folder = tmp_path_factory.mktemp("digit-model") / "cnn_bn"
+    keep(fit(cfg, load_train_val(cfg.val_fraction, cfg.seed, SMALL_MNIST), verbose=0), folder, SMALL_MNIST)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory) -> Path:
+    """A second, different model (a small dense network, one epoch): what a swap or a promotion brings in."""
+    from digits_ray.config import TrainConfig
+    from digits_ray.data.split import load_train_val
+    from digits_ray.evaluate import keep
+    from digits_ray.train.local import fit
+
+    cfg = TrainConfig(model="dense", epochs=1, batch_size=64, model_params={"hidden": 32})
+    folder = tmp_path_factory.mktemp("other-model") / "dense"
     keep(fit(cfg, load_train_val(cfg.val_fraction, cfg.seed, SMALL_MNIST), verbose=0), folder, SMALL_MNIST)
     return folder
