@@ -56,8 +56,9 @@ def haproxy_wrapper() -> Path:
     return path
 
 
-def ray_start_env() -> dict[str, str]:
-    """The Serve switches for the environment that starts Ray (see the module docstring).
+def ray_start_env(mode: str | None = None) -> dict[str, str]:
+    """The Serve switches for the environment that starts Ray (see the module docstring); ``mode``:
+    one of INGRESS_MODES, by default $DIGITS_SERVE_INGRESS, else haproxy.
 
     HAProxy mode (the default) puts a compiled proxy on the HTTP port that forwards straight to each
     replica's own HTTP server: one hop per request instead of three Ray calls through Serve's Python
@@ -69,7 +70,7 @@ def ray_start_env() -> dict[str, str]:
         # keep heavy work off the loop (decoding and inference run in worker threads).
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     }
-    if ingress_mode() == "haproxy":
+    if (mode or ingress_mode()) == "haproxy":
         env.update({
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_HAPROXY_BINARY_PATH": str(haproxy_wrapper()),
