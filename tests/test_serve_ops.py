@@ -75,6 +75,7 @@ def ops(ray_local, digit_model):
                "metrics": f"http://127.0.0.1:{node.metrics_export_port}/metrics"}
     finally:
         serve.shutdown()
+    wait_for(lambda: not our_haproxies(), 30, "no HAProxy of this node outlives serve.shutdown()")
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +258,39 @@ def test_config_deploys_swap_the_model_in_place_under_load(ops, pngs, digit_mode
     registry.rollback(reg)
     wait_for(lambda: version() == "b", 30, "the replica follows the rollback to b")
     client.deploy_applications({"http_options": {"host": "127.0.0.1", "port": ops["port"]}, "applications": []})
+
+
+def our_haproxies() -> set[int]:
+    """HAProxy processes of this Ray node: their command line names this node's config file."""
+    import ray
+
+    needle = f"/{ray.get_runtime_context().get_node_id()}/haproxy.cfg".encode()
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "cmdline").read_bytes() and (proc / "stat").read_text().split()[2] != "Z":
+                    pids.add(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_haproxy_ends_with_its_manager_and_serve_brings_both_back(ops, pngs):
+    """A SIGKILLed HAProxy manager cannot stop its HAProxy; the wrapper's parent-death signal does."""
+    import ray
+    from ray.util.state import list_actors
+
+    dashboard = f"http://{ray._private.worker.global_worker.node.address_info['webui_url']}"
+    (manager,) = list_actors(address=dashboard, filters=[("class_name", "=", "HAProxyManager"),
+                                                         ("state", "=", "ALIVE")])
+    before = wait_for(our_haproxies, 30, "this node runs an HAProxy")
+    os.kill(manager.pid, signal.SIGKILL)
+    wait_for(lambda: not (before & our_haproxies()), 15, f"HAProxy {before} exits with its manager")
+    url = f"{ops['url']}/two"
+    wait_for(lambda: healthy(url), 120, "Serve restarted the manager and HAProxy answers again")
+    ok = requests.post(f"{url}/predict", data=pngs[1][0], headers={"Content-Type": "image/png"}, timeout=10)
+    assert ok.status_code == 200
 
 
 def test_custom_metrics_reach_the_metrics_endpoint(ops, pngs):
