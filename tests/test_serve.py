@@ -282,3 +282,28 @@ def test_the_drawing_page_reads_digits_drawn_in_chromium(server, tmp_path, digit
         page.wait_for_function(f"document.getElementById('digit').textContent === '{expected['digit']}'")
         browser.close()
     assert Image.open(tmp_path / "drawn.png").size[0] == 390
+
+
+def test_the_page_asks_for_the_token_and_sends_it(server, tmp_path, digits, digit_model):
+    """Behind DIGITS_SERVE_TOKEN the page shows its token row, reports the 401, and predicts once given it."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "this test needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
+    upload = tmp_path / "digit.png"
+    upload.write_bytes(png_bytes(digits.images[0]))
+    expected = Predictor.from_artifact(digit_model).predict(digits.images[:1])[0]["digit"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"{server}/auth/")
+        page.wait_for_selector("#token-row", state="visible")  # /model said auth_required
+        with page.expect_response("**/auth/predict?explain=true") as answer:
+            page.set_input_files("#upload", str(upload))
+        assert answer.value.status == 401
+        page.wait_for_function("document.getElementById('status').textContent.includes('Bearer')")
+        page.fill("#token", TOKEN)
+        with page.expect_response("**/auth/predict?explain=true") as answer:
+            page.set_input_files("#upload", str(upload))
+        assert answer.value.status == 200
+        page.wait_for_function(f"document.getElementById('digit').textContent === '{expected}'")
+        browser.close()

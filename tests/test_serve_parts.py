@@ -105,3 +105,26 @@ def test_the_health_probe_catches_a_model_that_changed(digit_model):
     with pytest.raises(RuntimeError, match="answers the probe digit"):
         probe_matches(drifted)
     assert PROBE.shape == (1, 28, 28) and PROBE.max() == 255
+
+
+def test_the_app_builds_from_its_real_import_paths_with_the_token_from_the_environment(digit_model, monkeypatch):
+    """What `serve run serve_app:app` and the Serve configs import, imported the same way Serve does."""
+    import importlib
+
+    from ray import serve
+
+    from digits_ray.serve.settings import ray_start_env, token_digest
+
+    for name, value in ray_start_env().items():  # the builder sets these for `serve run`: undone after the test
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DIGITS_MODEL", str(digit_model))
+    monkeypatch.setenv("DIGITS_SERVE_TOKEN", "s3cret")
+    for path in ("digits_ray.serve.application:app", "serve_app:app"):
+        module, _, name = path.partition(":")
+        app = getattr(importlib.import_module(module), name)
+        assert isinstance(app, serve.Application), path
+        settings = app._bound_deployment.init_args[0]
+        assert settings.token_sha256 == token_digest("s3cret") and "s3cret" not in repr(settings)
+        assert app._bound_deployment._deployment_config.user_config["model"] == str(digit_model.resolve())
+    with pytest.raises(AttributeError):
+        importlib.import_module("serve_app").application  # noqa: B018
