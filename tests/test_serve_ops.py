@@ -260,6 +260,49 @@ def test_config_deploys_swap_the_model_in_place_under_load(ops, pngs, digit_mode
     client.deploy_applications({"http_options": {"host": "127.0.0.1", "port": ops["port"]}, "applications": []})
 
 
+def test_autoscaling_adds_a_replica_under_load(ops, pngs, digit_model):
+    """autoscale=1-2: sustained concurrent requests bring a second replica, and every request is answered."""
+    import aiohttp
+    from ray import serve
+
+    from digits_ray.serve.service import build_app
+    from digits_ray.serve.settings import ModelChoice, Scaling, ServeSettings
+
+    # A quarter CPU each: the apps of this module already hold 1.5 of the session Ray's 2 CPUs.
+    settings = ServeSettings(scaling=Scaling(autoscale=(1, 2), target_ongoing_requests=2, num_cpus=0.25))
+    serve.run(build_app(settings, ModelChoice(model=str(digit_model))), name="auto", route_prefix="/auto")
+    url = f"{ops['url']}/auto"
+    assert len(replicas("auto")) == 1
+
+    async def load_until_two_replicas() -> tuple[list[int], float]:
+        statuses: list[int] = []
+        done = asyncio.Event()
+
+        async def client(session: aiohttp.ClientSession, i: int) -> None:
+            while not done.is_set():
+                async with session.post(f"{url}/predict", data=pngs[1][i % 50],
+                                        headers={"Content-Type": "image/png"}) as response:
+                    await response.read()
+                    statuses.append(response.status)
+
+        async def watch() -> None:
+            while len(await asyncio.to_thread(replicas, "auto")) < 2:
+                await asyncio.sleep(2)
+            done.set()
+
+        start = time.monotonic()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            await asyncio.wait_for(asyncio.gather(watch(), *[client(session, i) for i in range(8)]), 150)
+        return statuses, time.monotonic() - start
+
+    try:
+        statuses, seconds = asyncio.run(load_until_two_replicas())
+        assert len(replicas("auto")) == 2, f"no second replica after {seconds:.0f} s of load"
+        assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    finally:
+        serve.delete("auto")
+
+
 def our_haproxies() -> set[int]:
     """HAProxy processes of this Ray node: their command line names this node's config file."""
     import ray
