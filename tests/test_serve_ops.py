@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -190,6 +191,32 @@ def copy_of(folder: Path, val_accuracy: float):
         shutil.copytree(folder, staging, dirs_exist_ok=True)
         return {"val_accuracy": val_accuracy}
     return build
+
+
+def test_a_rolling_restart_under_load_drops_nothing(ops, pngs, digit_model):
+    """serve.run of changed settings replaces the replicas one by one; each stopping one drains its requests."""
+    from ray import serve
+
+    from digits_ray.serve.service import build_app
+    from digits_ray.serve.settings import Admission, ModelChoice, ServeSettings
+
+    url = f"{ops['url']}/two"
+    wait_for(lambda: len(replicas("two")) == 2 and healthy(url), 180, "the app 'two' has two live replicas")
+    old = {a.actor_id for a in replicas("two")}
+    redeployed: list[float] = []
+
+    app = build_app(ServeSettings(admission=Admission(max_pending=48)), ModelChoice(model=str(digit_model)))
+    deploy = threading.Thread(target=serve.run, args=(app,), kwargs={"name": "two", "route_prefix": "/two"})
+
+    def redeploy(elapsed: float) -> None:
+        if elapsed >= 2 and not redeployed:
+            redeployed.append(elapsed)
+            deploy.start()  # serve.run waits for the new replicas: beside the load, not in its loop
+
+    results = asyncio.run(open_loop(url, pngs[1], rate=20, seconds=40, during=redeploy))
+    deploy.join(timeout=120)
+    assert not old & {a.actor_id for a in replicas("two")}, "both replicas were replaced"
+    assert [r for r in results if r["status"] != 200] == []
 
 
 def swap_config(ops: dict, user_config: dict, model: Path) -> dict:
