@@ -3,6 +3,7 @@ parallel, and the command line over it."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 from pathlib import Path
 
@@ -107,3 +108,34 @@ def test_the_registry_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["registry", "promote", "--registry", str(tmp_path)])
     assert exit_.value.code == 2 and "needs the ENTRY" in capsys.readouterr().err
+
+
+def test_registry_names_the_best_by_validation_and_never_keeps_a_half_entry(tmp_path):
+    with pytest.raises(registry.RegistryError, match="no published model yet"):
+        registry.best_entry(tmp_path)
+    first = registry.publish(tmp_path, "a", tiny_entry(0.90))
+    assert registry.best_entry(tmp_path) == first and artifact.is_artifact(first)
+
+    def fails_half_way(folder: Path) -> dict:
+        tiny_entry(0.99)(folder)
+        (folder / "search").mkdir()
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        registry.publish(tmp_path, "b", fails_half_way)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "a", "index.json"]  # no half entry
+    assert registry.read_index(tmp_path)["best"] == "a"
+
+    registry.publish(tmp_path, "c", tiny_entry(0.80))  # worse: published, not best
+    assert registry.read_index(tmp_path)["best"] == "a"
+    registry.publish(tmp_path, "d", tiny_entry(0.95))
+    index = json.loads((tmp_path / registry.INDEX_FILE).read_text())
+    assert index["best"] == "d" and set(index["entries"]) == {"a", "c", "d"}
+    again = registry.publish(tmp_path, "d", tiny_entry(0.99))  # the name is taken: the entry gets a free one
+    assert again.name == "d-2" and artifact.is_artifact(tmp_path / "d")
+
+
+def test_registry_location_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(tmp_path / "elsewhere"))
+    assert registry.registry_path() == tmp_path / "elsewhere"
+    assert registry.registry_path("given") == Path("given")

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-from digits_ray import artifact, registry
+from digits_ray import artifact
 from digits_ray.config import TrainConfig
 from digits_ray.models.zoo import build_model
 from digits_ray.tune import space
@@ -54,49 +51,6 @@ def test_bad_space_options(kwargs, message):
 
 
 # --- Registry ---------------------------------------------------------------------------------
-
-
-def tiny_entry(val_accuracy: float):
-    """A build function that writes a real (untrained) artifact with the given validation accuracy."""
-    def build(folder: Path) -> dict:
-        metadata = {"model": "dense", "model_params": {}, "train_config": TrainConfig().to_dict(),
-                    "data_md5": {}, "versions": {}, "training_seconds": 0.0,
-                    "validation": {"best_epoch": 1, "val_accuracy": val_accuracy, "val_loss": 0.1}}
-        artifact.write_artifact(folder, build_model("dense", {"hidden": 8}), metadata,
-                                pd.DataFrame({"epoch": [1], "val_accuracy": [val_accuracy]}))
-        return {"val_accuracy": val_accuracy}
-    return build
-
-
-def test_registry_names_the_best_by_validation_and_never_keeps_a_half_entry(tmp_path):
-    with pytest.raises(registry.RegistryError, match="no published model yet"):
-        registry.best_entry(tmp_path)
-    first = registry.publish(tmp_path, "a", tiny_entry(0.90))
-    assert registry.best_entry(tmp_path) == first and artifact.is_artifact(first)
-
-    def fails_half_way(folder: Path) -> dict:
-        tiny_entry(0.99)(folder)
-        (folder / "search").mkdir()
-        raise RuntimeError("export failed")
-
-    with pytest.raises(RuntimeError, match="export failed"):
-        registry.publish(tmp_path, "b", fails_half_way)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "a", "index.json"]  # no half entry
-    assert registry.read_index(tmp_path)["best"] == "a"
-
-    registry.publish(tmp_path, "c", tiny_entry(0.80))  # worse: published, not best
-    assert registry.read_index(tmp_path)["best"] == "a"
-    registry.publish(tmp_path, "d", tiny_entry(0.95))
-    index = json.loads((tmp_path / registry.INDEX_FILE).read_text())
-    assert index["best"] == "d" and set(index["entries"]) == {"a", "c", "d"}
-    again = registry.publish(tmp_path, "d", tiny_entry(0.99))  # the name is taken: the entry gets a free one
-    assert again.name == "d-2" and artifact.is_artifact(tmp_path / "d")
-
-
-def test_registry_location_from_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(registry.REGISTRY_ENV, str(tmp_path / "elsewhere"))
-    assert registry.registry_path() == tmp_path / "elsewhere"
-    assert registry.registry_path("given") == Path("given")
 
 
 # --- Ensemble and TFLite ----------------------------------------------------------------------
