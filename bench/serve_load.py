@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, ROOT, markdown_table, save
+from _common import RESULTS, ROOT, markdown_table, save, save_text
 from fastapi import FastAPI, Request  # module level: the routes' string annotations resolve here
 from fastapi.responses import JSONResponse
 
@@ -432,10 +432,7 @@ def report(results: list[dict[str, Any]], flood: dict[str, Any] | None, accuracy
                   markdown_table(previous["rows"], [("server", "server"), ("rate", "req/s sent"),
                                                     ("answered", "answered"), ("p50", "p50"), ("p99", "p99")])]
     text = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    partial = RESULTS / f".{args.tag}.md.tmp"
-    partial.write_text(text)
-    os.replace(partial, RESULTS / f"{args.tag}.md")
+    save_text(f"{args.tag}.md", text)
     print(text)
     plot(results, RESULTS / f"{args.tag}_latency.png")
     save(args.tag, {"model": model, "model_name": metadata["model"], "targets": TARGETS, "results": results,
