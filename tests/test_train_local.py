@@ -140,7 +140,8 @@ def test_a_trial_style_fit_never_opens_the_test_files(train_only_mnist, monkeypa
     monkeypatch.setenv("DIGITS_DATA_DIR", str(train_only_mnist))  # no test files anywhere this run could look
     cfg = TrainConfig(model="dense", epochs=1, batch_size=128, augment={})
     fitted = fit(cfg, load_train_val(cfg.val_fraction, cfg.seed), verbose=0)
-    assert fitted.best["val_accuracy"] > 0.5 and "test_accuracy" not in fitted.metadata()
+    assert fitted.best["val_accuracy"] > 0.7  # measured: 0.788 (seeded; the same in repeated runs)
+    assert "test_accuracy" not in fitted.metadata()
     assert sorted(set(opened)) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
 
 
