@@ -20,7 +20,8 @@ from digits_ray.train.distributed import ScaleConfig
 pytestmark = pytest.mark.slow
 
 STREAM = StreamConfig(block_rows=1024, concurrency=1, cpus_per_actor=0.5)
-# Measured: resumed from epoch 1 of the session's run, the same config ends within 0.005 of it.
+# Measured: resumed from the session run's epoch 1, the same config ended 0.005 from it (test accuracy
+# 0.968 against 0.963); resumed from its epoch 2, 0.004 (0.967).
 RESUMED_VS_UNDISTURBED = 0.015
 
 
@@ -76,18 +77,20 @@ def test_batch_size_is_global_and_the_lr_is_not_rescaled(ray_train_run, run_conf
 
 
 def test_resume_continues_at_the_next_epoch(ray_train_run, run_config, ray_local, small_mnist, tmp_path):
+    """From the session run's epoch-2 checkpoint (one epoch left to train: no more is needed to show it)."""
     undisturbed, out, run_dir = ray_train_run
     first = artifact.read_history(out)
-    meta = train_and_keep(run_config, scale(ray_local, "resumed", resume_from=str(run_dir / "epoch_0001")),
+    meta = train_and_keep(run_config, scale(ray_local, "resumed", resume_from=str(run_dir / "epoch_0002")),
                           tmp_path / "model", small_mnist)
     history = artifact.read_history(tmp_path / "model")
     assert list(history["epoch"]) == [1, 2, 3]
-    assert history["loss"].iloc[0] == pytest.approx(first["loss"].iloc[0])  # epoch 1 restored, not re-run
+    # Epochs 1 and 2 restored, not re-run.
+    assert history["loss"].iloc[:2].tolist() == pytest.approx(first["loss"].iloc[:2].tolist())
     # The optimizer's step count came back with it, so the LR schedule continues where it was.
-    assert history["lr"].iloc[1] == pytest.approx(first["lr"].iloc[1], rel=1e-5)
-    assert sorted(p.name for p in (ray_local / "resumed").glob("epoch_*")) == ["epoch_0002", "epoch_0003"]
-    assert meta["trained_with"]["attempt_start_epochs"] == [0, 1]
-    # Epochs 2 and 3 on the same data from the same state: where the undisturbed run ended.
+    assert history["lr"].iloc[2] == pytest.approx(first["lr"].iloc[2], rel=1e-5)
+    assert sorted(p.name for p in (ray_local / "resumed").glob("epoch_*")) == ["epoch_0003"]
+    assert meta["trained_with"]["attempt_start_epochs"] == [0, 2]
+    # Epoch 3 on the same data from the same state: where the undisturbed run ended.
     assert abs(meta["test_accuracy"] - undisturbed["test_accuracy"]) <= RESUMED_VS_UNDISTURBED, (
         meta["test_accuracy"], undisturbed["test_accuracy"])
 
