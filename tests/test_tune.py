@@ -39,9 +39,8 @@ def trials(experiment: Path) -> dict[str, dict]:
 
 
 # Optuna's seed 376 samples, in this space, first batch 128 at LR 7.7e-3 (constant), then batch 1024 at
-# LR 2.9e-4: far apart after epoch 1 (measured: 0.896 and 0.244 here; 0.882 and
-# 0.360 in one process), so ASHA, seeing them in
-# that order, stops the second whatever the run-to-run noise.
+# LR 2.9e-4: far apart after epoch 1 (measured: 0.896 and 0.244 here; 0.882 and 0.360 in one process),
+# so ASHA, seeing them in that order, stops the second whatever the run-to-run noise.
 ASHA_SEED = 376
 
 
