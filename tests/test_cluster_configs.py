@@ -480,8 +480,7 @@ def test_rayservice_serves_serve_app_with_serves_own_config_schema():
 def test_rayservice_matches_the_serve_config_for_serve_deploy():
     """cluster/serve.yaml (`serve deploy`) and the RayService deploy the same application."""
     path = ROOT / "cluster" / "serve.yaml"
-    if not path.is_file():
-        pytest.skip("cluster/serve.yaml does not exist (yet)")
+    assert path.is_file(), "cluster/serve.yaml (the config for `serve deploy`) is missing"
     ours = {app["name"]: app for app in serve_config(the("RayService")[0])["applications"]}
     theirs = {app["name"]: app for app in yaml.safe_load(path.read_text())["applications"]}
     assert set(ours) == set(theirs)

@@ -71,7 +71,7 @@ def test_the_haproxy_wrapper_moves_only_the_admin_ports_to_loopback():
     assert fixed.count("\n") == HAPROXY_CONFIG.count("\n") and admin_on(fixed, "127.0.0.1") == fixed
 
 
-def test_the_holder_swaps_refuses_a_broken_model_and_keeps_serving(digit_model, other_model, tmp_path):
+def test_the_holder_swaps_refuses_a_broken_model_and_keeps_serving(digit_model, cli_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(digit_model, broken)
     (broken / "model.keras").write_bytes(b"not a model")
@@ -83,8 +83,8 @@ def test_the_holder_swaps_refuses_a_broken_model_and_keeps_serving(digit_model, 
         first = holder.serving()
         await holder.apply(ModelChoice(model=str(broken)))
         assert holder.serving() is first and "broken" in holder.swap_error["requested"]
-        await holder.apply(ModelChoice(model=str(other_model)))
-        assert holder.serving().version == other_model.name and holder.swap_error is None
+        await holder.apply(ModelChoice(model=str(cli_model)))
+        assert holder.serving().version == cli_model.name and holder.swap_error is None
         await holder.check()
         return holder
 
