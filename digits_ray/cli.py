@@ -155,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows = batch_predict.predict_folder(model_dir, args.dir.resolve(), args.max_actors)
     else:
         rows = batch_predict.predict_paths(model_dir, args.images)
-    count = batch_predict.write_rows(args.out, rows)
+    count = batch_predict.write_rows(args.out, rows, batch_predict.columns(model_dir))
     print(f"{count} predictions by {model_dir} written to {args.out}")
     return 0
 

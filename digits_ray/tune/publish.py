@@ -21,7 +21,7 @@ from digits_ray.data.mnist import MnistSplit, load_split
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import DigitsError
-from digits_ray.evaluate import classification_metrics, predict_proba, test_figures
+from digits_ray.evaluate import abstain_rule, classification_metrics, predict_proba, test_figures
 from digits_ray.train import distributed
 from digits_ray.train.result import FitResult
 from digits_ray.tune import report, space, trial
@@ -117,6 +117,7 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
                          "size_chosen_on": "validation accuracy of the average of the top 2..k trials"},
         "test_accuracy": tested["test_accuracy"],
         "test_loss": tested["test_loss"],
+        artifact.ABSTAIN_FIELD: abstain_rule(model, (data.x_val, data.y_val)),
     }
     history = rows[["trial_id", "model", "val_accuracy", "val_loss", "best_epoch"]]
     artifact.write_artifact(out, model, metadata, history)
@@ -137,7 +138,7 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
 
     def build(entry: Path) -> dict[str, Any]:
         tested, probs = test_figures(fitted.model, test)
-        metadata = fitted.write_artifact(entry, test=tested)
+        metadata = fitted.write_artifact(entry, test=tested, abstain=abstain_rule(fitted.model, fitted.validation))
         plots.history(fitted.history, entry / registry.SEARCH_DIR / "winner_history.png")
         plots.confusion(np.asarray(classification_metrics(probs, test.labels)["confusion_matrix"]),
                         entry / registry.SEARCH_DIR / "winner_confusion_matrix.png")
