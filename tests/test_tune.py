@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.processes import free_ports, marked_env, stop_marked
@@ -113,9 +114,11 @@ def test_a_killed_search_resumes_without_losing_or_rerunning_finished_trials(tra
         assert epochs[-1] == 4
 
 
-def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path):
+def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path, monkeypatch):
     """As a user would: `ray start --head` (its own ports and temp dir, token auth), `ray job submit`,
-    with the winner retrained longer by Ray Train before it is published."""
+    with the winner retrained longer by Ray Train before it is published; tracked in MLflow's default store
+    (the `track` extra), beside the search's storage."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store, not the session's
     gcs, dashboard, *others = free_ports(9)  # every port of its own: another Ray may run beside it
     env, marker = marked_env(RAY_AUTH_MODE="token")
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
@@ -168,8 +171,45 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(tmp_path):
     ensemble = artifact.read_metadata(entry / "ensemble")
     assert ensemble["model"] == "ensemble" and 0 < ensemble["test_accuracy"] <= 1
     artifact.load_model(entry / "ensemble")
+    for meta in (metadata, ensemble):  # both kept models carry a "not a digit" rule fitted on validation
+        assert meta[artifact.ABSTAIN_FIELD]["validation_kept"] >= 0.99
     report = {p.name for p in (entry / "search").iterdir()}
     assert {"trials.csv", "trials.md", "val_accuracy_vs_batch_size.png", "val_accuracy_vs_learning_rate.png",
             "best_per_architecture.png", "trial_curves.png", "winner_history.png", "winner_confusion_matrix.png",
             "search.json"} <= report
     assert len((entry / "search" / "trials.csv").read_text().splitlines()) == 1 + 3
+    check_mlflow(runs, registry, entry)
+
+
+def check_mlflow(runs: Path, registry: Path, entry: Path) -> None:
+    """One MLflow run per trial (its config, every epoch) and one for the winner (its entry), whose id the
+    registry records; all in the SQLite store beside the search's storage."""
+    from digits_ray import artifact, tracking
+    from digits_ray import registry as models
+
+    index_entry = models.read_index(registry)["entries"][entry.name]
+    if not tracking.installed():
+        assert index_entry["mlflow_run_id"] is None
+        pytest.skip('MLflow is the optional `track` extra (pip install -e ".[dev,track]"); registry checked')
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / tracking.DB_FILE}")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_PREFIX + "tune")
+    found = client.search_runs([experiment.experiment_id])
+    by_role = {role: [r for r in found if r.data.tags.get(tracking.ROLE_TAG) == role] for role in ("trial", "winner")}
+    assert len(found) == 4 and len(by_role["trial"]) == 3 and len(by_role["winner"]) == 1
+    trials = {r.info.run_name for r in by_role["trial"]}
+    assert trials == {f"trial_{t}" for t in pd.read_csv(entry / "search" / "trials.csv")["trial_id"]}
+    for trial_run in by_role["trial"]:
+        assert trial_run.info.status == "FINISHED" and {"model", "learning_rate"} <= set(trial_run.data.params)
+        assert [m.step for m in client.get_metric_history(trial_run.info.run_id, "val_accuracy")] == [1]
+    [winner] = by_role["winner"]
+    assert index_entry["mlflow_run_id"] == winner.info.run_id == json.loads(
+        (entry / "search" / "search.json").read_text())["mlflow_run_id"]
+    assert winner.data.metrics["test_accuracy"] == pytest.approx(artifact.read_metadata(entry)["test_accuracy"])
+    assert winner.data.params["registry_entry"] == entry.name
+    assert [m.step for m in client.get_metric_history(winner.info.run_id, "val_accuracy")] == [1, 2]
+    logged = {a.path for a in client.list_artifacts(winner.info.run_id, "entry/search")}
+    assert {"entry/search/trial_curves.png", "entry/search/winner_history.png"} <= logged
+    assert {"entry/model.keras", "entry/ensemble", "entry/tflite"} <= {
+        a.path for a in client.list_artifacts(winner.info.run_id, "entry")}

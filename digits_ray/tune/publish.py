@@ -5,6 +5,7 @@ and publish all of it as one registry entry.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from digits_ray import artifact, plots, registry
+from digits_ray import artifact, plots, registry, tracking
 from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import MnistSplit, load_split
@@ -125,8 +126,10 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
 
 
 def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, data: TrainValData,
-                   data_dir: Path | str | None, settings: dict[str, Any]) -> Path:
-    """Everything after the search, as one registry entry; returns its folder."""
+                   data_dir: Path | str | None, settings: dict[str, Any],
+                   track: tracking.Tracking | None = None) -> Path:
+    """Everything after the search, as one registry entry; returns its folder. ``track``: the winner becomes
+    an MLflow run (parameters, history, figures, the whole entry folder), whose id the entry records."""
     from digits_ray.export import export_tflite
 
     table = trials_table(results)
@@ -160,11 +163,22 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
             "trials": len(table),
             "experiment_path": str(search.experiment_path),
         }
-        artifact.write_json_atomic(entry / registry.SEARCH_DIR / "search.json", {
-            **summary, "settings": settings, "winner_config": by_path[table.iloc[0]["path"]].config,
-            "trained_with": metadata["trained_with"], "tflite": tflite,
-            "ensemble_members": ensemble["model_params"]["members"] if ensemble else [],
-        })
+        winner_run = (tracking.run(track, f"winner {name}", "winner", {"registry_entry": name}) if track
+                      else contextlib.nullcontext())
+        with winner_run as tracked:
+            summary["mlflow_run_id"] = tracked.id if tracked else None
+            artifact.write_json_atomic(entry / registry.SEARCH_DIR / "search.json", {
+                **summary, "settings": settings, "winner_config": by_path[table.iloc[0]["path"]].config,
+                "trained_with": metadata["trained_with"], "tflite": tflite,
+                "ensemble_members": ensemble["model_params"]["members"] if ensemble else [],
+            })
+            if tracked:
+                tracked.log_artifact(entry)
+                tracked.log_params({"winner_trial": table.iloc[0]["trial_id"], "registry_entry": name})
+                tracked.log_metrics({k: summary[k] for k in ("tflite_int8_test_accuracy", "ensemble_test_accuracy",
+                                                             "trials")})
+                tracked.log_folder(entry, "entry")
         return summary
 
-    return registry.publish(publish.registry, registry.entry_name(search.name), build)
+    name = registry.entry_name(search.name)
+    return registry.publish(publish.registry, name, build)
