@@ -1,7 +1,7 @@
 """"Not a digit": a rule, fitted on the validation split, that says when a model should abstain.
 
-A classifier trained on digits answers a digit for anything: a letter, a scribble, a blank canvas (the
-zoo's models give a blank image "1" at over 99%). The rule abstains on an image when either
+A classifier trained on digits answers a digit for anything: a letter, a scribble, a blank canvas (a
+trained ``cnn_bn`` calls a blank image "1" at over 99%). The rule abstains on an image when either
 
 - its not-a-digit ``score`` is above ``threshold``, or
 - it holds less ink than ``min_ink`` (``ink``: a blank, uniform or near-blank image carries no digit, and

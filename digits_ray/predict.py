@@ -4,7 +4,7 @@
 checks that the model reads what every digits-ray model reads, uint8 (28, 28) white-on-black in MNIST's
 frame (``images.py`` turns real images into that). Inference runs through one traced ``tf.function``
 with a variable batch dimension, which costs about a millisecond for one image where ``Model.predict``
-costs tens; it gives the logits too (each member's, for an ensemble), for the abstain score.
+costs tens; it gives the logits too (for an ensemble, the mean of its members'), for the abstain score.
 
 Answers carry ``abstain`` and ``abstain_score`` when the artifact has an abstain rule (``abstain.py``);
 ``explain`` says which pixels made the answer (``explain.py``).
