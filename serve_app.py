@@ -1,10 +1,11 @@
 """Ray Serve entry point for digits-ray: the drawing page and POST /predict, on 127.0.0.1:8000 by default.
 
-    serve run serve_app:app                         # model: $DIGITS_MODEL, else the registry's best
-    serve run serve_app:builder model=models/ENTRY  # model (and limits) as arguments
-    serve deploy cluster/serve.yaml                 # on a running cluster (the same app, by package path)
-    python serve_app.py --model models/ENTRY        # standalone: starts (or joins) Ray, serves until Ctrl-C
+    serve run serve_app:app                          # model: $DIGITS_MODEL, else follow the registry
+    serve run serve_app:builder model=models/ENTRY   # model (and limits) as arguments
+    serve deploy cluster/serve.yaml                  # on a running cluster (the same app, by package path)
+    python serve_app.py --model models/ENTRY         # standalone: starts (or joins) Ray, serves until Ctrl-C
 
+Two replicas by default, each both the HTTP ingress and the batching model holder, behind HAProxy.
 $DIGITS_SERVE_TOKEN, when set where the app is built, makes /predict require "Authorization: Bearer <token>".
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -18,8 +19,6 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def machine() -> dict[str, Any]:
-    import os
-
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
             **library_versions()}
 
@@ -34,6 +33,16 @@ def save(name: str, payload: dict[str, Any]) -> Path:
         "machine": machine(),
         **payload,
     })
+    return path
+
+
+def save_text(name: str, text: str) -> Path:
+    """Write bench/results/NAME atomically (a reader never sees half a report)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    partial = RESULTS / f".{name}.tmp"
+    partial.write_text(text)
+    os.replace(partial, path)
     return path
 
 

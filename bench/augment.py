@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from _common import RESULTS, ROOT, markdown_table, save
+from _common import RESULTS, ROOT, markdown_table, save, save_text
 
 from digits_ray import plots
 from digits_ray.config import TrainConfig
@@ -137,7 +137,7 @@ def main() -> None:
         [("method", "method"), ("ips", "images/s (median)"), ("x", "vs per-image loop"), ("start", "startup s")],
     )
     print(table)
-    (RESULTS / "augment_throughput.md").write_text(table + "\n")
+    save_text("augment_throughput.md", table + "\n")
     labels = ["(a) loop", "(b) threads", *(f"(c) {k}" for k in KERNELS), "(d) 1 actor", "(d) 2 actors"]
     plots.bar_chart(labels, [r["images_per_second"] for r in rows],
                     RESULTS / "augment_throughput.png", "Augmentation throughput on this machine",
@@ -159,7 +159,7 @@ def main() -> None:
     table += (f"\n\nRay Data (2 actors) feeds {ray_best / fastest:.0f}x the fastest training throughput "
               f"measured here ({fastest:,.0f} images/s).\n")
     print(table)
-    (RESULTS / "augment_training.md").write_text(table)
+    save_text("augment_training.md", table)
     print(f"saved {save('augment_training', {'augment_config': CFG.__dict__, 'rows': training})}")
 
 

@@ -1,46 +1,72 @@
-"""Load test of the served model: plain FastAPI + uvicorn (one process, no Ray) against Ray Serve with 1 and
-2 model replicas, in one run.
+"""Load test of the served model: plain FastAPI + uvicorn (one process, no Ray) against the ways Ray Serve
+can carry the same requests, each on the port users call, in one run.
 
-    DIGITS_DATA_DIR=../shared/data/mnist python bench/serve_load.py --model models/ENTRY
+    DIGITS_DATA_DIR=../shared/data/mnist python bench/serve_load.py --model artifacts/bench/cnn_deep
 
-For each server: single-image PNG requests at fixed rates (open loop: request i leaves at i/rate whatever
-came back), then batched requests (multipart, --batch images each, a few clients in a closed loop), then
-every MNIST test digit as a PNG through /predict against the model's offline test accuracy (Serve, 1
-replica). Prints and saves bench/results/serve_load.{json,md} and serve_latency.png. The load generator
-runs on the same machine, so it takes CPU from the servers: the figures are what this machine does end to end.
+Servers (each its own local Ray, started with that variant's Serve switches, since Serve reads them once
+when Ray starts; --variants picks some):
+    plain           FastAPI + uvicorn, the same predictor and request parsing, no Ray
+    split-proxy     two deployments (ingress -> batching model), Serve's Python proxy: the layout before
+    split-haproxy   the same two deployments behind HAProxy, gRPC between them
+    one-proxy       one deployment (ingress and batching model together), Serve's Python proxy
+    one-throughput  the same with Ray's throughput-optimized bundle (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)
+    one-haproxy-1   one deployment behind HAProxy, one replica
+    one-haproxy     one deployment behind HAProxy, two replicas: what serve_app.py runs
+
+For each: single-image PNG requests at fixed rates (open loop: request i leaves at i/rate whatever came
+back), then 4 clients sending 256-image multipart batches in a closed loop. For the last variant (the
+default) also: its capacity (closed loop, 32 clients), floods at 1x, 2x and 4x that capacity with the
+answers afterwards, and every MNIST test digit as a PNG against the model's offline accuracy. The load
+generator (aiohttp) shares the machine's cores; the CPU it used is reported per row. Prints and saves
+bench/results/serve_load.{json,md} and serve_load_latency.png; the previous run's figures are quoted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, ROOT, markdown_table, save
+from _common import RESULTS, ROOT, markdown_table, save, save_text
 from fastapi import FastAPI, Request  # module level: the routes' string annotations resolve here
 from fastapi.responses import JSONResponse
 
-TARGETS = {"rate": 100, "p50_ms": 10.0, "p99_ms": 50.0, "images_per_s": 5000, "serve_vs_plain_p50": 2.0}
+TARGETS = {"rates": [100, 200], "p50_vs_plain": 2.0, "p99_ms": 50.0, "images_per_s": 5000,
+           "flood_p99_s": 2.0, "flood_ok_share": 0.8, "recovery_s": 1.0}
+VARIANTS = {  # name: (layout, ingress, replicas, extra Serve switches)
+    "plain": (None, None, 1, {}),
+    "split-proxy": ("split", "proxy", 1, {}),
+    "split-haproxy": ("split", "haproxy", 1, {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}),
+    "one-proxy": ("one", "proxy", 2, {}),
+    "one-throughput": ("one", "proxy", 2, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+    "one-haproxy-1": ("one", "haproxy", 1, {}),
+    "one-haproxy": ("one", "haproxy", 2, {}),
+}
 
 
-# --- the baseline a user would write: one process, FastAPI + uvicorn, the same predictor and parsing ---
+# --- the servers ---
 
 def plain_server(model: str, port: int) -> None:
+    """The baseline a user would write: one process, FastAPI + uvicorn, the same predictor and parsing."""
     import uvicorn
 
-    from digits_ray.predict import Predictor, describe
+    from digits_ray.predict import Predictor
     from digits_ray.serve.inputs import RequestError, parse
     from digits_ray.serve.settings import ServeSettings
 
     predictor = Predictor.from_artifact(model)
-    settings = ServeSettings(model_dir=model)
+    settings = ServeSettings()
     app = FastAPI()
 
     @app.get("/healthz")
@@ -53,20 +79,121 @@ def plain_server(model: str, port: int) -> None:
             parsed = await parse(request.headers, request.stream(), settings)
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        predictions = [describe(p) for p in predictor.probabilities(np.stack(parsed.images))]
+        predictions = predictor.predict(np.stack(parsed.images))
         return JSONResponse({"predictions": predictions} if parsed.batch else predictions[0])
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+def split_app(model: str) -> Any:
+    """The layout before: an ingress deployment that parses and calls a batching model deployment."""
+    from ray import serve
+
+    from digits_ray.predict import Predictor
+    from digits_ray.serve.inputs import RequestError, parse
+    from digits_ray.serve.service import split_answers
+    from digits_ray.serve.settings import ServeSettings
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+    class Model:
+        def __init__(self) -> None:
+            from digits_ray.keras_api import limit_threads
+
+            limit_threads(1)
+            self.predictor = Predictor.from_artifact(model)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0005)
+        async def predict(self, requests: list[np.ndarray]) -> list[list[dict[str, Any]]]:
+            answers = await asyncio.to_thread(self.predictor.predict, np.concatenate(requests))
+            return split_answers(answers, [len(r) for r in requests])
+
+    @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, handle: Any) -> None:
+            self.model = handle
+            self.settings = ServeSettings()
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.post("/predict")
+        async def predict(self, request: Request) -> JSONResponse:
+            try:
+                parsed = await parse(request.headers, request.stream(), self.settings)
+            except RequestError as err:
+                return JSONResponse(err.body(), status_code=err.status)
+            predictions = await self.model.predict.remote(np.stack(parsed.images))
+            return JSONResponse({"predictions": predictions} if parsed.batch else predictions[0])
+
+    return Ingress.bind(Model.bind())
+
+
+def serve_server(variant: str, model: str, port: int) -> None:
+    """One Serve variant on a local Ray of its own, until SIGTERM."""
+    import ray
+    from ray import serve
+
+    from digits_ray.ray_backend import runtime_env
+    from digits_ray.serve.service import build_app
+    from digits_ray.serve.settings import ModelChoice, Scaling, ServeSettings
+
+    layout, _, replicas, _ = VARIANTS[variant]
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env=runtime_env())
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = (split_app(model) if layout == "split" else
+           build_app(ServeSettings(scaling=Scaling(replicas=replicas)), ModelChoice(model=model)))
+    serve.run(app, name="digits", route_prefix="/")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(variant: str, model: str, port: int) -> subprocess.Popen:
+    """The variant's server in a subprocess whose environment has that variant's Serve switches."""
+    from digits_ray.serve.settings import ray_start_env
+
+    _, ingress, _, extra = VARIANTS[variant]
+    env = dict(os.environ)
+    if ingress is not None:
+        env.update({**ray_start_env(ingress), **extra, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                    "RAY_TMPDIR": tempfile.mkdtemp(prefix="dr-bench-", dir="/tmp")})
+    return subprocess.Popen([sys.executable, __file__, "--server", variant, "--model", model, "--port", str(port)],
+                            cwd=ROOT, env=env, start_new_session=True)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 # --- load generation ---
 
-async def wait_healthy(url: str, timeout_s: float = 180) -> None:
+async def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
     import aiohttp
 
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode} before it answered")
             try:
                 async with session.get(f"{url}/healthz") as response:
                     if response.status == 200:
@@ -84,35 +211,38 @@ def percentiles(latencies_s: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
 
 
-async def timed_post(session: Any, url: str, **request: Any) -> float | None:
-    """Seconds until POST /predict answered 200; None for another status or a dropped connection."""
+async def timed_post(session: Any, url: str, **request: Any) -> tuple[int | None, float]:
+    """(status, seconds) of POST /predict; status None for a time-out or a dropped connection."""
     import aiohttp
 
     sent = time.perf_counter()
     try:
         async with session.post(f"{url}/predict", **request) as response:
             await response.read()
-            ok = response.status == 200
-    except aiohttp.ClientError:
-        return None
-    return time.perf_counter() - sent if ok else None
+            status = response.status
+    except (TimeoutError, aiohttp.ClientError):
+        status = None
+    return status, time.perf_counter() - sent
+
+
+def client_cpu(fn: Any) -> Any:
+    """Run ``fn`` and add the share of a core this process (the load generator) used meanwhile."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    row = fn()
+    row["client_cpu_cores"] = round((time.process_time() - cpu) / (time.perf_counter() - wall), 2)
+    return row
 
 
 async def fixed_rate(url: str, pngs: list[bytes], rate: float, seconds: float) -> dict[str, Any]:
     """Open loop: request i is sent at start + i / rate, whether or not earlier ones came back."""
     import aiohttp
 
-    latencies: list[float] = []
-    errors = 0
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    answers: list[tuple[int | None, float]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
         async def one(i: int) -> None:
-            nonlocal errors
-            latency = await timed_post(session, url, data=pngs[i % len(pngs)], headers={"Content-Type": "image/png"})
-            if latency is None:
-                errors += 1
-            else:
-                latencies.append(latency)
+            answers.append(await timed_post(session, url, data=pngs[i % len(pngs)],
+                                            headers={"Content-Type": "image/png"}))
 
         total = int(rate * seconds)
         start = time.perf_counter()
@@ -124,41 +254,52 @@ async def fixed_rate(url: str, pngs: list[bytes], rate: float, seconds: float) -
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
-    return {"rate": rate, "requests": total, "errors": errors, "achieved_rps": round(len(latencies) / elapsed, 1),
-            **percentiles(latencies), "latencies_ms": [round(x * 1000, 3) for x in latencies]}
+    ok = [s for status, s in answers if status == 200]
+    statuses = [status for status, _ in answers]
+    return {"rate": rate, "requests": total, "ok": len(ok), "busy": statuses.count(503) + statuses.count(429),
+            "failed": sum(s not in (200, 503, 429) for s in statuses), "timeouts": statuses.count(None),
+            "ok_per_s": round(len(ok) / elapsed, 1), **percentiles(ok),
+            "p99_all_ms": percentiles([s for _, s in answers])["p99_ms"],
+            "latencies_ms": [round(x * 1000, 3) for x in ok]}
 
 
-async def batched(url: str, pngs: list[bytes], batch: int, clients: int, seconds: float) -> dict[str, Any]:
-    """Closed loop: ``clients`` each send a multipart batch of ``batch`` PNGs, wait, send the next."""
+async def closed_loop(url: str, bodies: Any, clients: int, seconds: float, images_each: int) -> dict[str, Any]:
+    """``clients`` each send a request, wait for the answer, send the next; ``bodies()`` makes a request."""
     import aiohttp
 
     latencies: list[float] = []
-    errors = images = 0
-
-    def form() -> aiohttp.FormData:
-        data = aiohttp.FormData()
-        for i in range(batch):
-            data.add_field("files", pngs[i % len(pngs)], filename=f"{i}.png", content_type="image/png")
-        return data
-
-    async with aiohttp.ClientSession() as session:
+    failed = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
         deadline = time.perf_counter() + seconds
 
         async def client() -> None:
-            nonlocal errors, images
+            nonlocal failed
             while time.perf_counter() < deadline:
-                latency = await timed_post(session, url, data=form())
-                if latency is None:
-                    errors += 1
-                    continue
-                latencies.append(latency)
-                images += batch
+                status, latency = await timed_post(session, url, **bodies())
+                if status == 200:
+                    latencies.append(latency)
+                else:
+                    failed += 1
 
         start = time.perf_counter()
         await asyncio.gather(*[client() for _ in range(clients)])
         elapsed = time.perf_counter() - start
-    return {"batch": batch, "clients": clients, "requests": len(latencies), "errors": errors,
-            "images_per_s": round(images / elapsed, 1), **percentiles(latencies)}
+    return {"clients": clients, "requests": len(latencies), "failed": failed,
+            "per_s": round(len(latencies) / elapsed, 1),
+            "images_per_s": round(len(latencies) * images_each / elapsed, 1),
+            **percentiles(latencies)}
+
+
+def batch_form(pngs: list[bytes], batch: int) -> Any:
+    import aiohttp
+
+    def form() -> dict[str, Any]:
+        data = aiohttp.FormData()
+        for i in range(batch):
+            data.add_field("files", pngs[i % len(pngs)], filename=f"{i}.png", content_type="image/png")
+        return {"data": data}
+    return form
 
 
 async def test_set_through_http(url: str, images: np.ndarray, labels: np.ndarray, batch: int) -> dict[str, Any]:
@@ -178,151 +319,124 @@ async def test_set_through_http(url: str, images: np.ndarray, labels: np.ndarray
     return {"images": len(digits), "accuracy": float((np.array(digits) == labels).mean())}
 
 
-# --- servers ---
+# --- one variant ---
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_plain(model: str, port: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--plain-server", "--model", model, "--port", str(port)],
-                            cwd=ROOT)
-
-
-def run_server(name: str, url: str, pngs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
-    asyncio.run(wait_healthy(url))
+def measure(variant: str, url: str, pngs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
     asyncio.run(fixed_rate(url, pngs, 20, 3))  # warm up: connections, traced functions
-    result: dict[str, Any] = {"server": name, "rates": [], "batched": None}
+    result: dict[str, Any] = {"variant": variant, "rates": []}
     for rate in args.rates:
-        row = asyncio.run(fixed_rate(url, pngs, rate, args.seconds))
+        row = client_cpu(lambda rate=rate: asyncio.run(fixed_rate(url, pngs, rate, args.seconds)))
         result["rates"].append(row)
-        print(f"{name:>22}  {rate:5.0f} req/s  p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f}  "
-              f"p99 {row['p99_ms']:7.2f}  errors {row['errors']}  achieved {row['achieved_rps']}", flush=True)
-    row = asyncio.run(batched(url, pngs, args.batch, args.clients, args.seconds))
+        print(f"{variant:>15}  {rate:5.0f} req/s  p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f}  "
+              f"ok/s {row['ok_per_s']:6.1f}  busy {row['busy']}  failed {row['failed']}  timeouts {row['timeouts']}"
+              f"  client {row['client_cpu_cores']} cores", flush=True)
+    row = client_cpu(lambda: asyncio.run(closed_loop(url, batch_form(pngs, args.batch), args.clients,
+                                                     args.seconds, args.batch)))
     result["batched"] = row
-    print(f"{name:>22}  batches of {args.batch} x {args.clients} clients: {row['images_per_s']:.0f} images/s  "
-          f"p50 {row['p50_ms']} ms  errors {row['errors']}", flush=True)
+    print(f"{variant:>15}  batches of {args.batch} x {args.clients} clients: {row['images_per_s']:.0f} images/s  "
+          f"p50 {row['p50_ms']} ms  failed {row['failed']}", flush=True)
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: $DIGITS_MODEL, else the registry's best)")
-    parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200])
-    parser.add_argument("--seconds", type=float, default=15, help="per rate and for the batched load")
-    parser.add_argument("--batch", type=int, default=256, help="images per batched request")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent batched clients")
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--accuracy-images", type=int, default=10000, help="MNIST test digits sent as PNG (0: skip)")
-    parser.add_argument("--tag", default="serve_load", help="results file name")
-    parser.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    from digits_ray.registry import model_to_serve
-
-    model = str(model_to_serve(args.model))
-    if args.plain_server:
-        plain_server(model, args.port)
-        return 0
-
-    from digits_ray.data.mnist import load_split
-    from digits_ray.images import png_bytes
-
-    test = load_split("test")
-    pngs = [png_bytes(image) for image in test.images[:2000]]
-    results = []
-
-    port = free_port()
-    plain = start_plain(model, port)
-    try:
-        results.append(run_server("FastAPI+uvicorn (no Ray)", f"http://127.0.0.1:{port}", pngs, args))
-    finally:
-        plain.terminate()
-        plain.wait(timeout=30)
-
-    import ray
-    from ray import serve
-
-    from digits_ray.ray_backend import runtime_env
-    from digits_ray.serve.app import build_app
-    from digits_ray.serve.settings import ServeSettings
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
-    accuracy = None
-    try:
-        for replicas in args.replicas:
-            serve.run(build_app(ServeSettings(model_dir=model), model_replicas=replicas), name="digits",
-                      route_prefix="/")
-            results.append(run_server(f"Ray Serve, {replicas} replica{'s' if replicas > 1 else ''}", url, pngs, args))
-            if accuracy is None and args.accuracy_images:
-                n = min(args.accuracy_images, len(test))
-                accuracy = asyncio.run(test_set_through_http(url, test.images[:n], test.labels[:n], 256))
-                from digits_ray.predict import Predictor
-
-                offline = Predictor.from_artifact(model).probabilities(test.images[:n]).argmax(axis=1)
-                accuracy["offline_accuracy"] = float((offline == test.labels[:n]).mean())
-                print(f"MNIST test digits as PNG through /predict: {accuracy['accuracy']:.4%} "
-                      f"(offline {accuracy['offline_accuracy']:.4%}, {n} images)", flush=True)
-            serve.delete("digits")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    report(results, accuracy, model, args)
-    return 0
+def overload(url: str, pngs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+    """Capacity (closed loop), then floods at multiples of it, each followed by a few normal requests."""
+    single = lambda: {"data": pngs[np.random.randint(len(pngs))], "headers": {"Content-Type": "image/png"}}  # noqa: E731
+    capacity = client_cpu(lambda: asyncio.run(closed_loop(url, single, 32, args.seconds, 1)))
+    print(f"{'capacity':>15}  {capacity['per_s']} req/s with 32 clients, p50 {capacity['p50_ms']} ms", flush=True)
+    rows = []
+    for factor in args.floods:
+        rate = factor * capacity["per_s"]
+        row = client_cpu(lambda rate=rate: asyncio.run(fixed_rate(url, pngs, rate, args.seconds)))
+        after = asyncio.run(fixed_rate(url, pngs, 5, 3))  # right after the flood
+        row.update(factor=factor, after_p99_ms=after["p99_ms"], after_ok=after["ok"], after_requests=after["requests"])
+        rows.append(row)
+        print(f"{f'{factor}x flood':>15}  {rate:6.0f} req/s sent  ok/s {row['ok_per_s']:6.1f}  busy {row['busy']}  "
+              f"failed {row['failed']}  timeouts {row['timeouts']}  p99 of all {row['p99_all_ms']} ms  after: "
+              f"{after['ok']}/{after['requests']} ok, p99 {after['p99_ms']} ms  client {row['client_cpu_cores']} cores",
+              flush=True)
+    return {"capacity": capacity, "floods": rows}
 
 
-def report(results: list[dict[str, Any]], accuracy: dict[str, Any] | None, model: str,
-           args: argparse.Namespace) -> None:
+# --- report ---
+
+def previous_run() -> dict[str, Any] | None:
+    path = RESULTS / "serve_load.json"
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    rows = []
+    for r in old.get("results", []):
+        name = r.get("server") or r.get("variant")
+        for row in r["rates"]:
+            rows.append({"server": name, "rate": row["rate"], "p50": row["p50_ms"], "p99": row["p99_ms"],
+                         "answered": row.get("achieved_rps", row.get("ok_per_s"))})
+        rows.append({"server": name, "rate": "batched", "answered": f"{r['batched']['images_per_s']:.0f} images/s"})
+    return {"finished": old.get("finished"), "command": old.get("command"), "rows": rows}
+
+
+def report(results: list[dict[str, Any]], flood: dict[str, Any] | None, accuracy: dict[str, Any] | None,
+           previous: dict[str, Any] | None, model: str, args: argparse.Namespace) -> None:
     from digits_ray import artifact
 
     metadata = artifact.read_metadata(model)
-    rows = [{"server": r["server"], "rate": f"{row['rate']:.0f}", "achieved": row["achieved_rps"],
-             "p50": row["p50_ms"], "p95": row["p95_ms"], "p99": row["p99_ms"], "errors": row["errors"]}
-            for r in results for row in r["rates"]]
-    batch_rows = [{"server": r["server"], "images_per_s": f"{r['batched']['images_per_s']:.0f}",
-                   "p50": r["batched"]["p50_ms"], "p99": r["batched"]["p99_ms"], "errors": r["batched"]["errors"]}
-                  for r in results]
-    def p50_at_target(result: dict[str, Any]) -> float:
-        return next(row["p50_ms"] for row in result["rates"] if row["rate"] == TARGETS["rate"])
-
-    ratios = ({r["server"]: round(p50_at_target(r) / p50_at_target(results[0]), 2) for r in results[1:]}
-              if TARGETS["rate"] in args.rates else {})
+    plain = next((r for r in results if r["variant"] == "plain"), None)
+    rows, ratios = [], {}
+    for r in results:
+        for row in r["rates"]:
+            base = next((p for p in plain["rates"] if p["rate"] == row["rate"]), None) if plain else None
+            ratio = round(row["p50_ms"] / base["p50_ms"], 2) if base and r is not plain else None
+            ratios.setdefault(r["variant"], {})[f"{row['rate']:.0f}"] = ratio
+            rows.append({"variant": r["variant"], "rate": f"{row['rate']:.0f}", "ok_per_s": row["ok_per_s"],
+                         "p50": row["p50_ms"], "p99": row["p99_ms"], "ratio": ratio if ratio is not None else "",
+                         "busy": row["busy"], "failed": row["failed"] + row["timeouts"],
+                         "cpu": row["client_cpu_cores"]})
+    batch_rows = [{"variant": r["variant"], "images_per_s": f"{r['batched']['images_per_s']:.0f}",
+                   "p50": r["batched"]["p50_ms"], "p99": r["batched"]["p99_ms"], "failed": r["batched"]["failed"],
+                   "cpu": r["batched"]["client_cpu_cores"]} for r in results]
     lines = [
         f"# Serving load test: `{metadata['model']}` ({Path(model).name})",
         "",
-        f"Single PNG image per request at fixed rates ({args.seconds:.0f} s each, open loop), latency in ms:",
+        f"`{' '.join(['python', *sys.argv])}` on {os.cpu_count()} cores, load generator included.",
         "",
-        markdown_table(rows, [("server", "server"), ("rate", "req/s sent"), ("achieved", "req/s answered"),
-                              ("p50", "p50"), ("p95", "p95"), ("p99", "p99"), ("errors", "errors")]),
+        f"Single PNG image per request at fixed rates ({args.seconds:.0f} s each, open loop), on the port users call; "
+        "latency of the 200 answers in ms; `x plain`: p50 relative to plain FastAPI at the same rate:",
+        "",
+        markdown_table(rows, [("variant", "variant"), ("rate", "req/s sent"), ("ok_per_s", "200s/s"),
+                              ("p50", "p50"), ("p99", "p99"), ("ratio", "x plain"), ("busy", "503s"),
+                              ("failed", "failed"), ("cpu", "client cores")]),
         "",
         f"Batched: {args.clients} clients, {args.batch} PNG images per multipart request ({args.seconds:.0f} s):",
         "",
-        markdown_table(batch_rows, [("server", "server"), ("images_per_s", "images/s"), ("p50", "p50 ms"),
-                                    ("p99", "p99 ms"), ("errors", "errors")]),
-        "",
-        f"p50 at {TARGETS['rate']} req/s relative to plain FastAPI: "
-        + ", ".join(f"{k} {v}x" for k, v in ratios.items()),
+        markdown_table(batch_rows, [("variant", "variant"), ("images_per_s", "images/s"), ("p50", "p50 ms"),
+                                    ("p99", "p99 ms"), ("failed", "failed"), ("cpu", "client cores")]),
     ]
+    if flood:
+        cap = flood["capacity"]
+        flood_rows = [{"factor": f"{row['factor']}x", "sent": f"{row['rate']:.0f}", "ok_per_s": row["ok_per_s"],
+                       "share": f"{row['ok_per_s'] / cap['per_s']:.0%}", "busy": row["busy"],
+                       "failed": row["failed"] + row["timeouts"], "p99_all": row["p99_all_ms"],
+                       "after": f"{row['after_ok']}/{row['after_requests']}, p99 {row['after_p99_ms']} ms",
+                       "cpu": row["client_cpu_cores"]} for row in flood["floods"]]
+        lines += ["", f"Overload, `{results[-1]['variant']}`: capacity {cap['per_s']} req/s (32 clients in a closed "
+                      f"loop, p50 {cap['p50_ms']} ms); then {args.seconds:.0f} s at multiples of it, and 3 s at "
+                      f"5 req/s right after:", "",
+                  markdown_table(flood_rows, [("factor", "load"), ("sent", "req/s sent"), ("ok_per_s", "200s/s"),
+                                              ("share", "200s / capacity"), ("busy", "503s"), ("failed", "failed"),
+                                              ("p99_all", "p99 of all ms"), ("after", "after: ok, p99"),
+                                              ("cpu", "client cores")])]
     if accuracy:
         lines += ["", f"MNIST test digits sent as PNG through `/predict`: {accuracy['accuracy']:.2%} "
                       f"({accuracy['images']} images); the same model offline: {accuracy['offline_accuracy']:.2%}."]
+    if previous:
+        lines += ["", f"Previous run ({previous['finished']}, `{previous['command']}`):", "",
+                  markdown_table(previous["rows"], [("server", "server"), ("rate", "req/s sent"),
+                                                    ("answered", "answered"), ("p50", "p50"), ("p99", "p99")])]
     text = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    partial = RESULTS / f".{args.tag}.md.tmp"
-    partial.write_text(text)
-    os.replace(partial, RESULTS / f"{args.tag}.md")
+    save_text(f"{args.tag}.md", text)
     print(text)
     plot(results, RESULTS / f"{args.tag}_latency.png")
     save(args.tag, {"model": model, "model_name": metadata["model"], "targets": TARGETS, "results": results,
-                    "serve_vs_plain_p50": ratios, "accuracy": accuracy,
-                    "medians_ms": {r["server"]: {f"{row['rate']:.0f}": row["p50_ms"] for row in r["rates"]}
-                                   for r in results}})
+                    "p50_vs_plain": ratios, "overload": flood, "accuracy": accuracy, "previous": previous})
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -331,22 +445,80 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
         rates = [row["rate"] for row in r["rates"]]
-        axes[0].plot(rates, [row["p50_ms"] for row in r["rates"]], "o-", label=f"{r['server']} p50")
-        axes[0].plot(rates, [row["p99_ms"] for row in r["rates"]], "x--", label=f"{r['server']} p99")
-        middle = r["rates"][len(r["rates"]) // 2]
-        ms = np.sort(middle["latencies_ms"])
-        axes[1].plot(ms, np.arange(1, len(ms) + 1) / len(ms), label=f"{r['server']} @ {middle['rate']:.0f} req/s")
-    axes[0].set(xlabel="requests/s sent", ylabel="latency (ms)", yscale="log", title="Single-image latency")
-    axes[1].set(xlabel="latency (ms)", ylabel="fraction of requests", xscale="log", title="Latency CDF")
+        line, = axes[0].plot(rates, [row["p50_ms"] for row in r["rates"]], "o-", label=f"{r['variant']} p50")
+        axes[0].plot(rates, [row["p99_ms"] for row in r["rates"]], "x--", color=line.get_color(),
+                     label=f"{r['variant']} p99")
+        top = r["rates"][-1]
+        ms = np.sort(top["latencies_ms"])
+        if len(ms):
+            axes[1].plot(ms, np.arange(1, len(ms) + 1) / len(ms), label=f"{r['variant']} @ {top['rate']:.0f} req/s")
+    axes[0].set(xlabel="requests/s sent", ylabel="latency of 200s (ms)", yscale="log", title="Single-image latency")
+    axes[1].set(xlabel="latency (ms)", ylabel="fraction of 200 answers", xscale="log", title="Latency CDF, top rate")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: $DIGITS_MODEL, else the registry's)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="servers to measure, in this order; the last also gets the floods and accuracy")
+    parser.add_argument("--rates", type=float, nargs="+", default=[100, 200])
+    parser.add_argument("--floods", type=float, nargs="+", default=[1, 2, 4], help="multiples of capacity")
+    parser.add_argument("--seconds", type=float, default=10, help="per rate, batched load and flood")
+    parser.add_argument("--batch", type=int, default=256, help="images per batched request")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent batched clients")
+    parser.add_argument("--accuracy-images", type=int, default=10000, help="MNIST test digits sent as PNG (0: skip)")
+    parser.add_argument("--tag", default="serve_load", help="results file name")
+    parser.add_argument("--server", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    from digits_ray.registry import model_to_serve
+
+    model = str(model_to_serve(args.model))
+    if args.server == "plain":
+        plain_server(model, args.port)
+        return 0
+    if args.server:
+        serve_server(args.server, model, args.port)
+        return 0
+
+    from digits_ray.data.mnist import load_split
+    from digits_ray.images import png_bytes
+    test = load_split("test")
+    pngs = [png_bytes(image) for image in test.images[:2000]]
+    previous = previous_run() if args.tag == "serve_load" else None
+    results, flood, accuracy = [], None, None
+    for variant in args.variants:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(variant, model, port)
+        try:
+            asyncio.run(wait_healthy(url, proc))
+            results.append(measure(variant, url, pngs, args))
+            if variant == args.variants[-1] and variant != "plain":
+                flood = overload(url, pngs, args)
+                if args.accuracy_images:
+                    n = min(args.accuracy_images, len(test))
+                    accuracy = asyncio.run(test_set_through_http(url, test.images[:n], test.labels[:n], 256))
+                    from digits_ray.predict import Predictor
+
+                    offline = Predictor.from_artifact(model).probabilities(test.images[:n]).argmax(axis=1)
+                    accuracy["offline_accuracy"] = float((offline == test.labels[:n]).mean())
+                    print(f"MNIST test digits as PNG through /predict: {accuracy['accuracy']:.4%} "
+                          f"(offline {accuracy['offline_accuracy']:.4%}, {n} images)", flush=True)
+        finally:
+            stop_server(proc)
+    report(results, flood, accuracy, previous, model, args)
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import statistics
 import time
 
 import numpy as np
-from _common import RESULTS, ROOT, markdown_table, save
+from _common import RESULTS, ROOT, markdown_table, save, save_text
 
 from digits_ray import checkpoint as ckpt
 from digits_ray import plots
@@ -148,7 +148,7 @@ def main() -> None:
          ("acc", "final test accuracy"), ("wall", "wall s"), ("over", "overhead s (wall - epochs)")],
     )
     print(table)
-    (RESULTS / "train_scaling.md").write_text(table + "\n")
+    save_text("train_scaling.md", table + "\n")
     plots.bar_chart([r["runner"] for r in rows], [r["images_per_second"] for r in rows],
                     RESULTS / "train_scaling.png", "Training throughput, same model and global batch",
                     "images/s (median epoch)", value_format="{:,.0f}")

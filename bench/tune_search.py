@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from _common import RESULTS, ROOT, markdown_table, save
+from _common import ROOT, markdown_table, save, save_text
 
 
 def main() -> None:
@@ -61,9 +61,9 @@ def main() -> None:
          ("ens", "ensemble test accuracy"), ("int8", "int8 TFLite test accuracy"), ("time", "wall time")],
     )
     print(table)
-    (RESULTS / "tune_search.md").write_text(table + "\n")
+    save_text("tune_search.md", table + "\n")
     trials = (entry / "search" / "trials.md").read_text()
-    (RESULTS / "tune_search_trials.md").write_text(trials)
+    save_text("tune_search_trials.md", trials)
     print(f"saved {save('tune_search', {'entry': str(entry), 'row': row, 'job_args': job_args})}")
 
 

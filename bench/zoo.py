@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import RESULTS, ROOT, markdown_table, save
+from _common import RESULTS, ROOT, markdown_table, save, save_text
 
 from digits_ray import plots
 from digits_ray.config import TrainConfig
@@ -60,7 +60,7 @@ def main() -> None:
          ("secs", "training s"), ("ips", "images/s")],
     )
     print(table)
-    (RESULTS / "zoo.md").write_text(table + "\n")
+    save_text("zoo.md", table + "\n")
     plots.bar_chart([r["model"] for r in rows], [r["test_accuracy"] for r in rows], RESULTS / "zoo.png",
                     "Model zoo: test accuracy on full MNIST", "test accuracy",
                     reference=[r["published_accuracy"] for r in rows], value_format="{:.2%}")

@@ -42,9 +42,10 @@ fi
 [[ ! -e "$dir/nodes/$name.pid" ]] || die "a node named $name is already recorded in $dir/nodes"
 rm -rf "${dir:?}/$name"
 
-read -r agent_http agent_grpc node_manager object_manager runtime_env_agent metrics <<<"$(python3 -c '
+# The node manager and object manager bind a free port themselves (0); the agents' ports are named at start.
+read -r agent_http agent_grpc runtime_env_agent metrics <<<"$(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(6)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks:
     s.bind(("", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))')"
@@ -55,7 +56,7 @@ env RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS="$dashboard_url" \
   DIGITS_RAY_CLUSTER="$cluster_id" DIGITS_RAY_NODE="$cluster_id:$name" \
   setsid ray start --address "$gcs_address" --block --node-name "$name" --num-cpus "${NUM_CPUS:-1}" \
   --dashboard-agent-listen-port "$agent_http" --dashboard-agent-grpc-port "$agent_grpc" \
-  --node-manager-port "$node_manager" --object-manager-port "$object_manager" \
+  --node-manager-port 0 --object-manager-port 0 \
   --runtime-env-agent-port "$runtime_env_agent" --metrics-export-port "$metrics" \
   --min-worker-port 0 --max-worker-port 0 --temp-dir "$dir/$name" --disable-usage-stats "$@" \
   </dev/null >"$dir/nodes/$name.log" 2>&1 &

@@ -7,8 +7,10 @@
 #   cluster/status.sh                   # addresses, nodes, resources
 #   cluster/stop-local.sh               # stops exactly this cluster (never `ray stop`)
 #
-# Every port is a free one picked now (another Ray on the machine keeps its own), with its own temp
-# dir, and Ray's token authentication on (the token is ~/.ray/auth_token, made if missing).
+# Every port is one of its own (another Ray on the machine keeps its own): the GCS, node manager and
+# object manager bind a free one themselves (port 0; the GCS address is read back); the ports Ray needs
+# named at start (dashboard, agents, client, metrics) are free ones picked now. Its own temp dir, and
+# Ray's token authentication on (the token is ~/.ray/auth_token, made if missing).
 # Default: one node with every port on 127.0.0.1 (Ray's single-machine mode,
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); Ray refuses worker nodes then. --multi-node: a head that
 # cluster/add-worker.sh can add nodes to; Ray then uses this machine's address, and its GCS, raylet,
@@ -55,15 +57,20 @@ for s in socks:
     s.bind(("", 0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
-read -r gcs dashboard agent_http agent_grpc node_manager object_manager runtime_env_agent metrics client \
-  autoscaler_metrics dashboard_metrics <<<"$(free_ports 11)"
+read -r dashboard agent_http agent_grpc runtime_env_agent metrics client autoscaler_metrics dashboard_metrics \
+  haproxy_stats haproxy_metrics <<<"$(free_ports 10)"
+# Serve's start-up switches (HAProxy in front of the replicas; digits_ray/serve/settings.py), read once by
+# every Ray process: they must be in the environment `ray start` runs with.
+read -r -a serve_env <<<"$(python -m digits_ray.serve.settings | tr '\n' ' ')" ||
+  die "python -m digits_ray.serve.settings failed: install the project (pip install -e .) in this environment"
 
 cluster_id="$(date +%s)-$$-$RANDOM"
 mode=$([[ $multi == 1 ]] && echo multi-node || echo loopback)
 # The markers let stop-local.sh find this node's processes. RAY_API_SERVER_ADDRESS: Ray's own State API
 # clients (Ray Train's placement-group cleaner) cannot tell which of several Rays on a machine is theirs.
 # No drain on SIGTERM: Ray 2.60 would wait up to 30s for an idle node before stopping.
-node_env=(RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dashboard"
+node_env=("${serve_env[@]}" RAY_SERVE_HAPROXY_STATS_PORT="$haproxy_stats" RAY_SERVE_HAPROXY_METRICS_PORT="$haproxy_metrics"
+          RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS="http://127.0.0.1:$dashboard"
           RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
           AUTOSCALER_METRIC_PORT="$autoscaler_metrics" DASHBOARD_METRIC_PORT="$dashboard_metrics"
           DIGITS_RAY_CLUSTER="$cluster_id" DIGITS_RAY_NODE="$cluster_id:head")  # last: a long title overwrites the first
@@ -77,15 +84,18 @@ cat >"$dir/cluster" <<EOF
 CLUSTER_ID=$cluster_id
 MODE=$mode
 DASHBOARD_URL=http://127.0.0.1:$dashboard
+METRICS_PORT=$metrics
+HAPROXY_STATS_PORT=$haproxy_stats
+HAPROXY_METRICS_PORT=$haproxy_metrics
 EOF
 
 RAY_AUTH_MODE=token ray get-auth-token --generate >/dev/null
 echo "Starting the Ray head ($mode, ${NUM_CPUS:-$(nproc)} CPUs); log: $dir/nodes/head.log" >&2
 env "${node_env[@]}" setsid ray start --head --block "${ip_args[@]}" \
   --num-cpus "${NUM_CPUS:-$(nproc)}" --node-name head \
-  --port "$gcs" --dashboard-host 127.0.0.1 --dashboard-port "$dashboard" \
+  --port 0 --dashboard-host 127.0.0.1 --dashboard-port "$dashboard" \
   --dashboard-agent-listen-port "$agent_http" --dashboard-agent-grpc-port "$agent_grpc" \
-  --node-manager-port "$node_manager" --object-manager-port "$object_manager" \
+  --node-manager-port 0 --object-manager-port 0 \
   --runtime-env-agent-port "$runtime_env_agent" --metrics-export-port "$metrics" \
   --ray-client-server-port "$client" --min-worker-port 0 --max-worker-port 0 \
   --temp-dir "$dir/head" --disable-usage-stats "$@" \

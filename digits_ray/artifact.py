@@ -154,4 +154,7 @@ def load_model(folder: Path | str, compile: bool = False):
     from digits_ray.keras_api import keras
 
     read_metadata(folder)
-    return keras.models.load_model(Path(folder) / MODEL_FILE, compile=compile, safe_mode=True)
+    try:
+        return keras.models.load_model(Path(folder) / MODEL_FILE, compile=compile, safe_mode=True)
+    except (OSError, ValueError) as err:  # a corrupt or foreign file, or code that safe mode refuses to run
+        raise ArtifactError(f"{Path(folder) / MODEL_FILE} could not be loaded: {err}") from err

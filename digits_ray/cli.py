@@ -165,6 +165,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registry(args: argparse.Namespace) -> int:
+    from digits_ray import registry
+
+    if args.action == "list":
+        rows = registry.entries_table(args.registry)
+        if not rows:
+            print(f"{registry.registry_path(args.registry).resolve()} has no entries yet")
+            return 0
+        def pct(value: Any) -> str:
+            return f"{value:.2%}" if isinstance(value, float) else "-"
+
+        print(f"{'entry':<44} {'model':<9} {'val':>7} {'test':>7}  {'published':<25} status")
+        for row in rows:
+            print(f"{row['entry']:<44} {row['model'] or '-':<9} {pct(row['val_accuracy']):>7} "
+                  f"{pct(row['test_accuracy']):>7}  {row['published'] or '-':<25} {row['status']}")
+        return 0
+    if args.action == "history":
+        for event in registry.read_index(args.registry)["history"]:
+            print(f"{event['at']}  {event['event']:<8} {event['entry']:<44} served: {event['served']} "
+                  f"(before: {event['previous']}) by {event['by']}")
+        return 0
+    if args.action == "promote":
+        if not args.entry:
+            raise ConfigError("promote needs the ENTRY to serve (see: registry list)")
+        event = registry.promote(args.registry, args.entry)
+    elif args.entry:
+        raise ConfigError(f"{args.action} takes no ENTRY")
+    else:
+        event = (registry.rollback if args.action == "rollback" else registry.unpin)(args.registry)
+    print(f"{registry.registry_path(args.registry).resolve()}: serves {event['served']} (was {event['previous']}); "
+          f"Serve replicas that follow this registry swap to it within their poll interval")
+    return 0
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    from digits_ray.serve.swap import swap
+
+    result = swap(args.model, args.registry, args.address, args.app, args.url, args.timeout)
+    served = result.get("model", {})
+    version = served.get("version") if isinstance(served, dict) else served
+    print(f"{args.app} serves {version}" + ("" if args.url else f" (status {result['status']})"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from digits_ray import tracking
 
@@ -205,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--data-dir", type=Path, default=None)
     preview.add_argument("--out", type=Path, default=Path("artifacts") / "augment_preview.png")
     preview.set_defaults(func=cmd_augment_preview)
+
+    reg = sub.add_parser("registry", help="list entries; promote one to be served, roll back, unpin")
+    reg.add_argument("action", choices=("list", "history", "promote", "rollback", "unpin"))
+    reg.add_argument("entry", nargs="?", default=None, help="promote: the entry to serve")
+    reg.add_argument("--registry", default=None, help="registry folder (default: $DIGITS_REGISTRY, else ./models)")
+    reg.set_defaults(func=cmd_registry)
+
+    swap = sub.add_parser("swap", help="swap the model of a running Serve app in place (a config deploy)")
+    swap.add_argument("model", nargs="?", default=None,
+                      help="model folder or registry entry (omit: follow the registry's served entry)")
+    swap.add_argument("--registry", default=None, help="registry folder (default: $DIGITS_REGISTRY, else ./models)")
+    swap.add_argument("--address", default="http://127.0.0.1:8265", help="the Ray dashboard's address")
+    swap.add_argument("--app", default="digits", help="Serve application name")
+    swap.add_argument("--url", default=None, help="the service's URL: wait until /healthz names the new version")
+    swap.add_argument("--timeout", type=float, default=120, help="seconds to wait for the swap")
+    swap.set_defaults(func=cmd_swap)
     return parser
 
 

@@ -27,6 +27,7 @@ from digits_ray.data.split import load_train_val  # noqa: E402
 from digits_ray.errors import ConfigError, DigitsError  # noqa: E402
 from digits_ray.models.zoo import MODELS  # noqa: E402
 from digits_ray.ray_backend import init_ray, quiet_data_progress  # noqa: E402
+from digits_ray.registry import read_index  # noqa: E402
 from digits_ray.train.distributed import DEFAULT_STORAGE  # noqa: E402
 from digits_ray.tune.publish import PublishConfig, publish_search  # noqa: E402
 from digits_ray.tune.search import (  # noqa: E402
@@ -179,6 +180,10 @@ def main(argv=None) -> int:
     print(f"search took {search_seconds:.0f} s, everything {time.perf_counter() - start:.0f} s; "
           f"registry entry {entry}")
     print(tracking.describe(track, summary["mlflow_run_id"]) + ("; and one run per trial" if track else ""))
+    index = read_index(entry.parent)
+    if index["pinned"] and index["pinned"] != entry.name:
+        print(f"the registry keeps serving {index['pinned']}, which is pinned; to serve this entry: "
+              f"python -m digits_ray registry promote {entry.name} --registry {entry.parent}")
     return 0
 
 

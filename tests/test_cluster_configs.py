@@ -480,14 +480,29 @@ def test_rayservice_serves_serve_app_with_serves_own_config_schema():
 def test_rayservice_matches_the_serve_config_for_serve_deploy():
     """cluster/serve.yaml (`serve deploy`) and the RayService deploy the same application."""
     path = ROOT / "cluster" / "serve.yaml"
-    if not path.is_file():
-        pytest.skip("cluster/serve.yaml does not exist (yet)")
+    assert path.is_file(), "cluster/serve.yaml (the config for `serve deploy`) is missing"
     ours = {app["name"]: app for app in serve_config(the("RayService")[0])["applications"]}
     theirs = {app["name"]: app for app in yaml.safe_load(path.read_text())["applications"]}
     assert set(ours) == set(theirs)
     for name, app in ours.items():
         assert (app["import_path"], app.get("route_prefix")) == (theirs[name]["import_path"],
                                                                   theirs[name].get("route_prefix")), name
+
+
+def test_serve_configs_name_a_valid_user_config_and_serves_start_switches():
+    """Both Serve configs give the deployment a user_config the replicas accept, and the RayService's pods
+    start Ray with the switches settings.ray_start_env names (all but our wrapper, which the image lacks)."""
+    from digits_ray.serve.settings import DEPLOYMENT_NAME, ModelChoice, ray_start_env
+
+    service = the("RayService")[0]
+    for config in (serve_config(service), yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())):
+        (deployment,) = config["applications"][0]["deployments"]
+        assert deployment["name"] == DEPLOYMENT_NAME
+        ModelChoice.from_user_config(deployment["user_config"])
+    wanted = {k: v for k, v in ray_start_env().items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH"}
+    for group, pod in pod_templates(service["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert {k: env.get(k) for k in wanted} == wanted, group
 
 
 @pytest.mark.parametrize("broken, check", [

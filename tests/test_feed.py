@@ -90,9 +90,12 @@ def _freed_by(iterator) -> list[str]:
     return names
 
 
-def _wait_for(names: list[str]) -> list[str]:
-    deadline = time.monotonic() + 60
-    while not names and time.monotonic() < deadline:
+def _wait_for(names: list[str], timeout_s: float = 60) -> list[str]:
+    """``names`` once the iterator it watches is freed; a failure saying so after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not names:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the input iterator was not freed within {timeout_s:.0f}s")
         time.sleep(0.05)
     return names
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -136,7 +137,7 @@ def test_serve_app_refuses_zero_replicas(capsys):
     assert stop.value.code == 2 and "replicas must be a positive integer" in capsys.readouterr().err
 
 
-def test_the_model_to_serve_is_the_flag_then_the_environment_then_the_registry(tmp_path, monkeypatch):
+def test_the_model_to_serve_is_the_flag_then_the_environment_then_the_registry(tmp_path, monkeypatch, digit_model):
     from digits_ray.registry import RegistryError, model_to_serve
 
     monkeypatch.setenv("DIGITS_REGISTRY", str(tmp_path / "empty"))
@@ -147,9 +148,12 @@ def test_the_model_to_serve_is_the_flag_then_the_environment_then_the_registry(t
     (tmp_path / "reg" / "index.json").write_text(json.dumps({"best": "entry-1", "entries": {}}))
     monkeypatch.setenv("DIGITS_REGISTRY", str(tmp_path / "reg"))
     assert model_to_serve() == (tmp_path / "reg" / "entry-1").resolve()
+    shutil.copytree(digit_model, tmp_path / "m")
     monkeypatch.setenv("DIGITS_MODEL", str(tmp_path / "m"))
     assert model_to_serve() == (tmp_path / "m").resolve()
-    assert model_to_serve(tmp_path / "flag") == (tmp_path / "flag").resolve()
+    assert model_to_serve(digit_model) == digit_model.resolve()
+    with pytest.raises(RegistryError, match="neither a model folder"):
+        model_to_serve(tmp_path / "no-such-model")
 
 
 @pytest.mark.slow

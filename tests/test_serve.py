@@ -8,7 +8,6 @@ import io
 import json
 import math
 import shutil
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,18 +28,19 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def server(ray_local, digit_model):
-    """Two applications on one Serve instance with its own port: open, and behind a bearer token."""
+    """Two applications on one Serve instance with its own port: open (the default two replicas), and
+    behind a bearer token (one replica)."""
     from ray import serve
 
-    from digits_ray.serve.app import build_app
-    from digits_ray.serve.settings import ServeSettings, token_digest
+    from digits_ray.serve.service import build_app
+    from digits_ray.serve.settings import ModelChoice, Scaling, ServeSettings, token_digest
 
     port = free_ports(1)[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = ServeSettings(model_dir=str(digit_model))
+    choice = ModelChoice(model=str(digit_model))
     try:
-        serve.run(build_app(settings, model_replicas=1), name="digits", route_prefix="/")
-        serve.run(build_app(replace(settings, token_sha256=token_digest(TOKEN)), model_replicas=1),
+        serve.run(build_app(ServeSettings(), choice), name="digits", route_prefix="/")
+        serve.run(build_app(ServeSettings(token_sha256=token_digest(TOKEN), scaling=Scaling(replicas=1)), choice),
                   name="digits-auth", route_prefix="/auth")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -81,6 +81,39 @@ def test_every_input_form_gets_the_same_answer(server, digits, digit_model):
     for response in batch:
         assert response.status_code == 200, response.text
         assert [p["digit"] for p in response.json()["predictions"]] == [e["digit"] for e in expected]
+
+
+def test_concurrent_requests_each_get_their_own_answers(server, digits, digit_model):
+    """Many requests at once, of 1 to 5 images each: @serve.batch merges them into shared forward passes,
+    and every caller must get the answers for its own images, in order."""
+    import asyncio
+
+    import aiohttp
+
+    sizes = np.random.default_rng(0).integers(1, 6, size=60)
+    bounds = np.cumsum([0, *sizes])
+    expected = Predictor.from_artifact(digit_model).probabilities(digits.images[:bounds[-1]])
+
+    async def one(session: aiohttp.ClientSession, start: int, end: int) -> list[dict]:
+        images = [image.tolist() for image in digits.images[start:end]]
+        payload = {"pixels": images[0]} if end - start == 1 else {"images": images}
+        async with session.post(f"{server}/predict", json=payload) as response:
+            assert response.status == 200, await response.text()
+            body = await response.json()
+        return [body] if end - start == 1 else body["predictions"]
+
+    async def all_at_once() -> list[list[dict]]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            return await asyncio.gather(*[one(session, s, e) for s, e in zip(bounds[:-1], bounds[1:])])
+
+    answers = asyncio.run(all_at_once())
+    for start, end, got in zip(bounds[:-1], bounds[1:], answers):
+        assert len(got) == end - start
+        for i, prediction in zip(range(start, end), got):
+            assert prediction["probabilities"] == pytest.approx(expected[i].tolist(), abs=1e-5), i
+    # The check above must have covered merged batches: replicas report the most callers one pass served.
+    merged = max(requests.get(f"{server}/model").json()["batching"]["most_callers"] for _ in range(8))
+    assert merged > 1
 
 
 def test_explain_returns_what_the_model_saw_and_a_saliency_map(server, digits):
@@ -249,3 +282,28 @@ def test_the_drawing_page_reads_digits_drawn_in_chromium(server, tmp_path, digit
         page.wait_for_function(f"document.getElementById('digit').textContent === '{expected['digit']}'")
         browser.close()
     assert Image.open(tmp_path / "drawn.png").size[0] == 390
+
+
+def test_the_page_asks_for_the_token_and_sends_it(server, tmp_path, digits, digit_model):
+    """Behind DIGITS_SERVE_TOKEN the page shows its token row, reports the 401, and predicts once given it."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "this test needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
+    upload = tmp_path / "digit.png"
+    upload.write_bytes(png_bytes(digits.images[0]))
+    expected = Predictor.from_artifact(digit_model).predict(digits.images[:1])[0]["digit"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"{server}/auth/")
+        page.wait_for_selector("#token-row", state="visible")  # /model said auth_required
+        with page.expect_response("**/auth/predict?explain=true") as answer:
+            page.set_input_files("#upload", str(upload))
+        assert answer.value.status == 401
+        page.wait_for_function("document.getElementById('status').textContent.includes('Bearer')")
+        page.fill("#token", TOKEN)
+        with page.expect_response("**/auth/predict?explain=true") as answer:
+            page.set_input_files("#upload", str(upload))
+        assert answer.value.status == 200
+        page.wait_for_function(f"document.getElementById('digit').textContent === '{expected}'")
+        browser.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +18,10 @@ from digits_ray.keras_api import keras
 
 
 @pytest.fixture(scope="module")
-def trained(small_mnist, tmp_path_factory):
-    """One short real training run shared by the tests below."""
-    out = tmp_path_factory.mktemp("artifact") / "cnn"
-    code = main(["train", "--model", "cnn_basic", "--epochs", "3", "--batch-size", "128", "--lr", "2e-3",
-                 "--param", "dense=64", "--data-dir", str(small_mnist), "--out", str(out), "--verbose", "0"])
-    assert code == 0
-    return out
+def trained(cli_model):
+    """The session's CLI run (conftest's ``cli_model``): `train --model cnn_basic --epochs 3 --batch-size 128
+    --lr 2e-3 --param dense=64`."""
+    return cli_model
 
 
 def test_artifact_is_complete(trained):
@@ -55,7 +54,8 @@ def test_artifact_holds_the_best_validation_epoch(trained, small_mnist):
     assert meta["validation"]["val_accuracy"] == artifact.read_history(trained)["val_accuracy"].max()
 
 
-def test_evaluate_writes_report_and_updates_metadata(trained, small_mnist, capsys):
+def test_evaluate_writes_report_and_updates_metadata(trained, small_mnist, tmp_path, capsys):
+    trained = Path(shutil.copytree(trained, tmp_path / "cnn"))  # the session's artifact stays as it was
     artifact.update_metadata(trained, {"test_accuracy": -1.0, "test_loss": -1.0})
     assert main(["evaluate", str(trained), "--data-dir", str(small_mnist)]) == 0
     printed = capsys.readouterr().out
@@ -141,7 +141,8 @@ def test_a_trial_style_fit_never_opens_the_test_files(train_only_mnist, monkeypa
     monkeypatch.setenv("DIGITS_DATA_DIR", str(train_only_mnist))  # no test files anywhere this run could look
     cfg = TrainConfig(model="dense", epochs=1, batch_size=128, augment={})
     fitted = fit(cfg, load_train_val(cfg.val_fraction, cfg.seed), verbose=0)
-    assert fitted.best["val_accuracy"] > 0.5 and "test_accuracy" not in fitted.metadata()
+    assert fitted.best["val_accuracy"] > 0.7  # measured: 0.788 (seeded; the same in repeated runs)
+    assert "test_accuracy" not in fitted.metadata()
     assert sorted(set(opened)) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
 
 

@@ -28,7 +28,7 @@ from digits_ray.data.split import TrainValData, load_train_val
 from digits_ray.errors import ConfigError
 from digits_ray.keras_api import keras
 from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
-from digits_ray.train import recipe
+from digits_ray.train import hold, recipe
 from digits_ray.train.reporting import ReportEachEpoch
 from digits_ray.train.result import FitResult
 
@@ -89,6 +89,7 @@ class LoopConfig:
     validation: Any  # ObjectRef of (x_val, y_val)
     threads: int  # TensorFlow threads per worker: the CPUs it holds
     resume_from: str | None = None  # Train V2 has no resume_from_checkpoint: used when Ray has none
+    hold_gate: str | None = None  # tests only: hold.HOLD_ENV as the driver saw it (see digits_ray/train/hold.py)
 
 
 def chunk_window(seen: int, whole: int, skip: int, end: int) -> tuple[int, int]:
@@ -182,6 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
             checkpoint_dir_name=f"epoch_{row['epoch']:04d}",
         )
+        hold.after_checkpoint(loop.hold_gate, row["epoch"], cfg.epochs, who=f"rank{rank}")
 
     callbacks = [recipe.EpochLog(), *recipe.schedule_callbacks(cfg, earlier=list(state.history)),
                  ReportEachEpoch(state, publish)]
@@ -217,6 +219,7 @@ def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData, call
         train=cfg, n_train=len(data.y_train), validation=ray.put((data.x_val, data.y_val)),
         threads=max(1, math.ceil(scale.cpus_per_worker)),
         resume_from=str(Path(scale.resume_from).resolve()) if scale.resume_from else None,
+        hold_gate=hold.gate_from_env(),
     )
     return TensorflowTrainer(
         train_loop_per_worker,

@@ -80,6 +80,18 @@ def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish:
     return distributed.fit(cfg, scale, data)
 
 
+def ensemble_size(val_probs: list[np.ndarray], labels: np.ndarray) -> int:
+    """How many of the top trials (2 .. all, in rank order) to average: the most accurate average on the
+    validation split, the lower validation loss on a tie (then the larger ensemble)."""
+    if len(val_probs) < 2:
+        raise ValueError(f"an ensemble needs at least 2 candidates, got {len(val_probs)}")
+    scored = []
+    for k in range(2, len(val_probs) + 1):
+        metrics = classification_metrics(np.mean(val_probs[:k], axis=0), labels)
+        scored.append((metrics["accuracy"], -metrics["loss"], k))
+    return max(scored)[2]
+
+
 def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: TrainValData, test: MnistSplit,
                       out: Path, winner_metadata: dict[str, Any]) -> dict[str, Any] | None:
     """The best of the top trials' best epochs, averaged, as an artifact folder; its one test evaluation included.
@@ -94,12 +106,7 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
         return None
     by_path = _by_path(results)
     candidates = [_trial_model(by_path[path])[0] for path in rows["path"]]
-    val_probs = [predict_proba(m, data.x_val) for m in candidates]
-    scored = []
-    for k in range(2, len(candidates) + 1):
-        metrics = classification_metrics(np.mean(val_probs[:k], axis=0), data.y_val)
-        scored.append((metrics["accuracy"], -metrics["loss"], k))
-    _, _, size = max(scored)
+    size = ensemble_size([predict_proba(m, data.x_val) for m in candidates], data.y_val)
     rows, members = rows.head(size), candidates[:size]
     model = build_ensemble(members)
     val = classification_metrics(predict_proba(model, data.x_val), data.y_val)

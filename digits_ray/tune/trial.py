@@ -43,7 +43,7 @@ def single_process_trial(config: dict[str, Any], data: TrainValData, base: Train
     from ray import tune
 
     from digits_ray.keras_api import tf
-    from digits_ray.train import local, recipe
+    from digits_ray.train import hold, local, recipe
     from digits_ray.train.reporting import ReportEachEpoch
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -61,8 +61,11 @@ def single_process_trial(config: dict[str, Any], data: TrainValData, base: Train
         return
     state.attempt_starts.append(state.epochs_done)
 
+    gate, name = hold.gate_from_env(), trial_name_of(tune.get_context().get_trial_id())
+
     def publish(row: dict[str, Any], folder: str) -> None:
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+        hold.after_checkpoint(gate, row["epoch"], cfg.epochs, who=name)
 
     callbacks = [recipe.EpochLog(), *recipe.schedule_callbacks(cfg, earlier=list(state.history)),
                  ReportEachEpoch(state, publish)]
