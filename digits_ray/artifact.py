@@ -3,7 +3,8 @@
     <dir>/
       model.keras       the model in Keras's native format (weights, architecture, optimizer state)
       metadata.json     what produced it, what it reads (``input``) and how well it does (``REQUIRED_METADATA``, then
-                        ``TEST_METADATA`` from the one test evaluation)
+                        ``TEST_METADATA`` from the one test evaluation, ``ABSTAIN_FIELD``: the abstain rule
+                        fitted on the validation split, see ``abstain.py``)
       history.csv       one row per epoch: loss, accuracy, val_loss, val_accuracy, lr, seconds, ended_at
       report/           plots and report.json, written by ``digits_ray evaluate``
 
@@ -45,6 +46,8 @@ REQUIRED_METADATA = (
 )
 # Written by the entry point that keeps a model, after its one test evaluation.
 TEST_METADATA = ("test_accuracy", "test_loss")
+# The "not a digit" rule (``abstain.AbstainRule.to_dict()``); every writer since it exists adds it.
+ABSTAIN_FIELD = "abstain"
 
 
 class ArtifactError(DigitsError):

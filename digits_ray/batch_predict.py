@@ -2,7 +2,8 @@
 
 A folder is read with ``ray.data.read_binary_files`` and predicted by ``map_batches`` on an autoscaling
 actor pool, each actor holding one ``Predictor``: the same command handles a million files on a
-cluster. A file that cannot be read as a digit gets a row with its error, never disappears.
+cluster. A file that cannot be read as a digit gets a row with its error, never disappears. A model
+with an abstain rule adds the columns ``abstain`` ("not a digit") and ``abstain_score``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from digits_ray import abstain, artifact
 from digits_ray.images import ImageError, image_to_mnist
 from digits_ray.predict import Predictor
 
 COLUMNS = ("file", "digit", "confidence", "top3", "error")
+ABSTAIN_COLUMNS = ("abstain", "abstain_score")  # after "top3", where the model has an abstain rule
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "gif", "bmp", "tif", "tiff", "webp", "pgm", "ppm")
 ROWS_PER_BATCH = 256
 
@@ -29,12 +32,20 @@ def top3_text(top3: list[dict[str, Any]]) -> str:
     return " ".join(f"{t['digit']}:{t['probability']:.4f}" for t in top3)
 
 
+def columns(model_dir: Path | str) -> tuple[str, ...]:
+    """The CSV's columns for this model: the abstain columns where its artifact has a rule."""
+    if abstain.rule_in(artifact.read_metadata(model_dir)) is None:
+        return COLUMNS
+    return (*COLUMNS[:4], *ABSTAIN_COLUMNS, *COLUMNS[4:])
+
+
 def predict_bytes(predictor: Predictor, names: Sequence[str],
                   payloads: Sequence[bytes | ImageError]) -> list[dict[str, Any]]:
     """One CSV row per file, in the given order; unreadable files get their error and no digit."""
     images, readable, rows = [], [], []
+    empty = {column: None for column in ABSTAIN_COLUMNS} if predictor.abstain_rule is not None else {}
     for name, data in zip(names, payloads):
-        row = {"file": name, "digit": None, "confidence": None, "top3": "", "error": ""}
+        row = {"file": name, "digit": None, "confidence": None, "top3": "", **empty, "error": ""}
         try:
             if isinstance(data, ImageError):
                 raise data
@@ -46,6 +57,8 @@ def predict_bytes(predictor: Predictor, names: Sequence[str],
     for row, prediction in zip(readable, predictor.predict(np.stack(images)) if images else []):
         row.update(digit=prediction["digit"], confidence=round(prediction["confidence"], 6),
                    top3=top3_text(prediction["top3"]))
+        if "abstain" in prediction:
+            row.update(abstain=prediction["abstain"], abstain_score=round(prediction["abstain_score"], 4))
     return rows
 
 
@@ -57,20 +70,22 @@ class PredictFiles:
 
         limit_threads(tf_threads)
         self.predictor = Predictor.from_artifact(model_dir)
+        self.columns = columns(model_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         rows = predict_bytes(self.predictor, [str(p) for p in batch["path"]], list(batch["bytes"]))
-        return {column: [row[column] for row in rows] for column in COLUMNS}
+        return {column: [row[column] for row in rows] for column in self.columns}
 
 
-def write_rows(out: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Stream rows into ``out`` atomically (a temporary sibling renamed at the end); returns the count."""
+def write_rows(out: Path, rows: Iterable[dict[str, Any]], fields: Sequence[str] = COLUMNS) -> int:
+    """Stream rows (with the columns ``fields``) into ``out`` atomically (a temporary sibling renamed at the
+    end); returns the count."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     count = 0
     try:
         with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=list(fields))
             writer.writeheader()
             for row in rows:
                 writer.writerow(row)

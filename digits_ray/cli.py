@@ -79,18 +79,23 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from digits_ray import tracking
     from digits_ray.artifact import check_writable
     from digits_ray.data.split import load_train_val
     from digits_ray.evaluate import keep
+    from digits_ray.train.distributed import DEFAULT_STORAGE
     from digits_ray.train.local import fit
 
     cfg = train_config(args)
     check_writable(args.out)
+    track = tracking.resolve(args, DEFAULT_STORAGE, tracking.TRAIN_EXPERIMENT)
     fitted = fit(cfg, load_train_val(cfg.val_fraction, cfg.seed, args.data_dir), verbose=args.verbose)
     metadata = keep(fitted, args.out, args.data_dir)  # the one test evaluation, then the artifact
     print(json.dumps({k: metadata[k] for k in ("model", "training_seconds", "validation", "test_accuracy")},
                      indent=2))
     print(f"artifact written to {args.out}")
+    run_id = tracking.log_training(track, args.out)
+    print(tracking.describe(track, run_id))
     return 0
 
 
@@ -155,7 +160,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows = batch_predict.predict_folder(model_dir, args.dir.resolve(), args.max_actors)
     else:
         rows = batch_predict.predict_paths(model_dir, args.images)
-    count = batch_predict.write_rows(args.out, rows)
+    count = batch_predict.write_rows(args.out, rows, batch_predict.columns(model_dir))
     print(f"{count} predictions by {model_dir} written to {args.out}")
     return 0
 
@@ -205,6 +210,8 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from digits_ray import tracking
+
     parser = argparse.ArgumentParser(prog="python -m digits_ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -213,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("artifacts") / "model", help="artifact folder to write")
     train.add_argument("--verbose", type=int, default=2 if not sys.stdout.isatty() else 1, choices=(0, 1, 2),
                        help="Keras progress: 1 bar per step, 2 line per epoch")
+    tracking.add_options(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="test-set metrics and plots for an artifact folder")

@@ -66,12 +66,20 @@ def test_evaluation(model, data_dir: Path | str | None = None) -> dict[str, Any]
     return test_figures(model, load_split("test", data_dir))[0]
 
 
+def abstain_rule(model, validation: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """The abstain rule of a kept model, fitted on the validation split (images, labels), as the artifact
+    stores it."""
+    return Predictor(model).fit_abstain(*validation).to_dict()
+
+
 def keep(fitted, out_dir: Path | str, data_dir: Path | str | None = None) -> dict[str, Any]:
-    """What an entry point does with the model it keeps: its one test evaluation, then its artifact.
+    """What an entry point does with the model it keeps: its one test evaluation and its abstain rule, then
+    its artifact.
 
     ``fitted``: a ``train.result.FitResult``. Returns the artifact's metadata.
     """
-    return fitted.write_artifact(out_dir, test=test_evaluation(fitted.model, data_dir))
+    return fitted.write_artifact(out_dir, test=test_evaluation(fitted.model, data_dir),
+                                 abstain=abstain_rule(fitted.model, fitted.validation))
 
 
 def evaluate_artifact(

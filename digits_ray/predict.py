@@ -4,24 +4,27 @@
 checks that the model reads what every digits-ray model reads, uint8 (28, 28) white-on-black in MNIST's
 frame (``images.py`` turns real images into that). Inference runs through one traced ``tf.function``
 with a variable batch dimension, which costs about a millisecond for one image where ``Model.predict``
-costs tens.
+costs tens; it gives the logits too (for an ensemble, the mean of its members'), for the abstain score.
+
+Answers carry ``abstain`` and ``abstain_score`` when the artifact has an abstain rule (``abstain.py``);
+``explain`` says which pixels made the answer (``explain.py``).
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from digits_ray import artifact
+from digits_ray import abstain, artifact, model_parts
+from digits_ray.abstain import AbstainRule
 from digits_ray.errors import DigitsError
+from digits_ray.explain import DEFAULT_EXPLAIN_METHOD, Explainer, Explanation, check_method
 from digits_ray.schema import IMAGE_SIZE, INPUT_CONTRACT, NUM_CLASSES
 
 CHUNK = 1024  # images per call into the model: bounds memory for large batches
-SCALED_INPUT_LAYER = "channel"  # zoo models: the layer whose input is the scaled float image (saliency)
 TOP_K = 3
 
 
@@ -41,19 +44,26 @@ class ModelInfo:
         return {"name": self.name, "version": self.version, "created": self.created}
 
 
-def describe(probs: np.ndarray) -> dict[str, Any]:
-    """One image's ten probabilities -> digit, confidence, top 3 and all ten (JSON-ready)."""
+def describe(probs: np.ndarray, abstains: bool | None = None, abstain_score: float | None = None
+             ) -> dict[str, Any]:
+    """One image's ten probabilities -> digit, confidence, top 3 and all ten (JSON-ready); from a model with an
+    abstain rule, also whether it abstains ("not a digit") and the image's not-a-digit score."""
     order = np.argsort(-probs, kind="stable")[:TOP_K]
-    return {
+    answer = {
         "digit": int(order[0]),
         "confidence": float(probs[order[0]]),
         "top3": [{"digit": int(d), "probability": float(probs[d])} for d in order],
         "probabilities": [float(p) for p in probs],
     }
+    if abstains is not None:
+        answer["abstain"] = bool(abstains)
+        answer["abstain_score"] = float(abstain_score)
+    return answer
 
 
 class Predictor:
-    """A loaded model: ``probabilities(images)`` for a batch, ``saliency(image)`` for one."""
+    """A loaded model: ``predict(images)`` and ``probabilities(images)`` for a batch, ``explain(image, ...)``
+    for one. Thread-safe: Serve calls it from several threads at once."""
 
     def __init__(self, model: Any, info: ModelInfo | None = None, metadata: dict[str, Any] | None = None) -> None:
         from digits_ray.keras_api import tf
@@ -67,10 +77,12 @@ class Predictor:
         self.model = model
         self.info = info
         self.metadata = metadata or {}
-        self._forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True,
-                                    input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.uint8)])
-        self._saliency_paths: list[Any] | None = None
-        self._paths_lock = threading.Lock()  # Serve calls saliency from several threads at once
+        self.abstain_rule: AbstainRule | None = abstain.rule_in(self.metadata)  # None: no abstain fields
+        self.explainer = Explainer(model, info.name)
+        self._forward, self.has_logits = _forward_function(model)
+        if self.abstain_rule is not None and self.abstain_rule.score != "max_probability" and not self.has_logits:
+            raise abstain.AbstainError(f"model {info.name!r}: its abstain rule's {self.abstain_rule.score} score "
+                                       f"needs logits; it has no {model_parts.LOGITS_LAYER!r} layer")
 
     @classmethod
     def from_artifact(cls, folder: Path | str) -> Predictor:
@@ -82,60 +94,81 @@ class Predictor:
         info = ModelInfo(metadata["model"], folder.name, metadata.get("created"))
         return cls(artifact.load_model(folder), info, metadata)
 
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (N, 28, 28) -> probabilities and logits, float64 (N, 10) each; an ensemble's logits are the
+        mean of its members'; None for a model that is neither a zoo model nor an ensemble of them."""
+        images = _checked(images)
+        if len(images) == 0:
+            return np.zeros((0, NUM_CLASSES)), np.zeros((0, NUM_CLASSES)) if self.has_logits else None
+        chunks = [self._forward(images[i: i + CHUNK]) for i in range(0, len(images), CHUNK)]
+        probs = np.concatenate([c[0].numpy() for c in chunks]).astype(np.float64)
+        logits = np.concatenate([c[1].numpy() for c in chunks]).astype(np.float64) if self.has_logits else None
+        return probs, logits
+
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, 28, 28) -> float64 (N, 10)."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise PredictorError(f"expected uint8 images of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), "
-                                 f"got {images.dtype} {images.shape}")
-        if len(images) == 0:
-            return np.zeros((0, NUM_CLASSES))
-        chunks = [self._forward(images[i: i + CHUNK]).numpy() for i in range(0, len(images), CHUNK)]
-        return np.concatenate(chunks).astype(np.float64)
+        return self.outputs(images)[0]
 
     def predict(self, images: np.ndarray) -> list[dict[str, Any]]:
-        return [describe(p) for p in self.probabilities(images)]
+        """One answer per image (``describe``), with ``abstain`` and ``abstain_score`` where the model has a rule."""
+        images = _checked(images)
+        probs, logits = self.outputs(images)
+        if self.abstain_rule is None:
+            return [describe(p) for p in probs]
+        flags, scores = self.abstain_rule.decide(images, probs, logits)
+        return [describe(p, bool(f), float(s)) for p, f, s in zip(probs, flags, scores)]
 
-    def gradient(self, image: np.ndarray, digit: int) -> np.ndarray:
-        """d p(digit) / d pixel, shape (28, 28), taken at the scaled float image (the uint8 input has none).
+    def fit_abstain(self, images: np.ndarray, labels: np.ndarray, score: str = abstain.DEFAULT_SCORE) -> AbstainRule:
+        """An abstain rule for this model, fitted on the validation split's images and labels."""
+        return abstain.fit(images, labels, *self.outputs(images), score=score)
 
-        An ensemble's probability is its members' mean, so its gradient is the mean of theirs.
-        """
-        from digits_ray.keras_api import tf
-
-        paths = self._scaled_paths()
-        scaled = tf.constant(image[None].astype(np.float32) / 255.0)
-        with tf.GradientTape() as tape:
-            tape.watch(scaled)
-            prob = tf.add_n([path(scaled, training=False)[0, digit] for path in paths]) / len(paths)
-        return tape.gradient(prob, scaled).numpy()[0]
-
-    def saliency(self, image: np.ndarray, digit: int | None = None) -> np.ndarray:
-        """|gradient| scaled to [0, 1]; ``digit`` defaults to the predicted one."""
+    def explain(self, image: np.ndarray, digit: int | None = None,
+                method: str = DEFAULT_EXPLAIN_METHOD) -> Explanation:
+        """Which pixels of ``image`` (uint8 (28, 28)) made the answer ``digit`` (None: the predicted digit),
+        by ``method`` (``explain.EXPLAIN_METHODS``); Grad-CAM falls back to saliency, with a note, on a
+        model without a convolution."""
+        check_method(method)
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.shape != (IMAGE_SIZE, IMAGE_SIZE):
+            raise PredictorError(f"expected one uint8 image of shape ({IMAGE_SIZE}, {IMAGE_SIZE}), "
+                                 f"got {image.dtype} {image.shape}")
         if digit is None:
             digit = int(self.probabilities(image[None])[0].argmax())
-        grad = np.abs(self.gradient(image, digit))
-        peak = float(grad.max())
-        return grad / peak if peak > 0 else grad
+        return self.explainer.explain(image, digit, method)
 
-    def _scaled_paths(self) -> list[Any]:
-        """Built once, under a lock: concurrent first calls must not build them twice."""
-        with self._paths_lock:
-            if self._saliency_paths is None:
-                self._saliency_paths = self._build_scaled_paths()
-        return self._saliency_paths
+    def saliency(self, image: np.ndarray, digit: int | None = None) -> np.ndarray:
+        """The saliency map (|d logit / d pixel|, in [0, 1]); ``digit`` defaults to the predicted one."""
+        return self.explain(image, digit, "saliency").map
 
-    def _build_scaled_paths(self) -> list[Any]:
-        """Sub-models from the scaled float image to the probabilities: the model's, or each member's."""
-        from digits_ray.keras_api import keras
 
-        def path(model: Any) -> Any:
-            return keras.Model(model.get_layer(SCALED_INPUT_LAYER).input, model.output)
+def _checked(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise PredictorError(f"expected uint8 images of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}), "
+                             f"got {images.dtype} {images.shape}")
+    return images
 
-        if SCALED_INPUT_LAYER in {layer.name for layer in self.model.layers}:
-            return [path(self.model)]
-        members = [m for m in self.model.layers if isinstance(m, keras.Model)]
-        if not members or any(SCALED_INPUT_LAYER not in {x.name for x in m.layers} for m in members):
-            raise PredictorError(f"model {self.info.name!r} has no {SCALED_INPUT_LAYER!r} layer; saliency "
-                                 f"needs a zoo model or an ensemble of them")
-        return [path(m) for m in members]
+
+def _forward_function(model: Any) -> tuple[Any, bool]:
+    """One traced function, uint8 (N, 28, 28) -> (probabilities (N, 10), logits (N, 10): the members' mean),
+    and whether the logits are real (a model of unknown anatomy gives its probabilities only)."""
+    from digits_ray.keras_api import keras, tf
+
+    spec = [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.uint8)]
+    members = model_parts.members(model)
+    if members is None:
+        traced = tf.function(lambda x: (model(x, training=False),), input_signature=spec)
+        traced.get_concrete_function()
+        return traced, False
+    heads = [keras.Model(m.input, [m.output, m.get_layer(model_parts.LOGITS_LAYER).output]) for m in members]
+    combine = (lambda probs: probs[0]) if members[0] is model else model.layers[-1]  # an ensemble's Average
+
+    def forward(x: Any) -> tuple[Any, Any]:
+        outputs = [head(x, training=False) for head in heads]
+        probs = combine([p for p, _ in outputs])
+        logits = tf.add_n([tf.cast(logit, tf.float32) for _, logit in outputs]) / len(outputs)
+        return tf.cast(probs, tf.float32), logits
+
+    traced = tf.function(forward, input_signature=spec)
+    traced.get_concrete_function()  # traced now, once: concurrent first calls would each trace it
+    return traced, True

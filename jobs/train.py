@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
+from digits_ray import tracking  # noqa: E402
 from digits_ray.artifact import check_writable  # noqa: E402
 from digits_ray.cli import add_train_options, train_config  # noqa: E402
 from digits_ray.data.pipeline import StreamConfig  # noqa: E402
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Ray cluster address (default: RAY_ADDRESS, else a running cluster, else local); "
                             "'local' always starts an embedded Ray")
     parser.add_argument("--out", type=Path, default=Path("artifacts") / "ray_model", help="artifact folder")
+    tracking.add_options(parser)
     return parser.parse_args(argv)
 
 
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
         )
         per_worker_batch(cfg.batch_size, scale.workers)
         check_writable(args.out)
+        track = tracking.resolve(args, scale.storage_path, tracking.TRAIN_EXPERIMENT)
         data = load_train_val(cfg.val_fraction, cfg.seed, args.data_dir)
     except DigitsError as err:  # the user can fix it: one line; anything else keeps its traceback
         print(f"error: {err}", file=sys.stderr)
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
     keys = ("model", "training_seconds", "validation", "test_accuracy", "trained_with")
     print(json.dumps({k: metadata[k] for k in keys}, indent=2))
     print(f"artifact written to {args.out}")
+    run_id = tracking.log_training(track, args.out)
+    print(tracking.describe(track, run_id))
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout or a Ray working dir
 
+from digits_ray import tracking  # noqa: E402
 from digits_ray.config import MIXED_PRECISION_MODES, TrainConfig  # noqa: E402
 from digits_ray.data.split import load_train_val  # noqa: E402
 from digits_ray.errors import ConfigError, DigitsError  # noqa: E402
@@ -104,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     after.add_argument("--final-use-gpu", action="store_true")
     after.add_argument("--final-cpus-per-worker", type=float, default=None,
                        help="default: an equal share of the cluster's CPUs, at most 1")
+    tracking.add_options(parser)
     return parser.parse_args(argv)
 
 
@@ -151,6 +153,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         search, publish, data_dir = configs(args)
+        track = tracking.resolve(args, search.storage_path, search.mlflow_experiment)
         data = load_train_val(search.base.val_fraction, search.base.seed, data_dir)
     except DigitsError as err:  # the user can fix it: one line; anything else keeps its traceback
         print(f"error: {err}", file=sys.stderr)
@@ -158,13 +161,14 @@ def main(argv=None) -> int:
     mode = init_ray(args.num_cpus, args.address)
     quiet_data_progress()
     print(f"Ray: {mode}; search {search.experiment_path}: {search.num_samples} trials of up to "
-          f"{search.max_epochs} epochs, search budget {search.time_budget_s:.0f} s", flush=True)
+          f"{search.max_epochs} epochs, search budget {search.time_budget_s:.0f} s; {tracking.describe(track)}",
+          flush=True)
     start = time.perf_counter()
     try:
-        results = run(search, data, resume=args.resume, data_dir=data_dir)
+        results = run(search, data, resume=args.resume, data_dir=data_dir, track=track)
         search_seconds = time.perf_counter() - start
         settings = {"argv": sys.argv[1:], "search_seconds": round(search_seconds, 1)}
-        entry = publish_search(results, search, publish, data, data_dir, settings)
+        entry = publish_search(results, search, publish, data, data_dir, settings, track)
     except DigitsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -175,6 +179,7 @@ def main(argv=None) -> int:
                      indent=2))
     print(f"search took {search_seconds:.0f} s, everything {time.perf_counter() - start:.0f} s; "
           f"registry entry {entry}")
+    print(tracking.describe(track, summary["mlflow_run_id"]) + ("; and one run per trial" if track else ""))
     index = read_index(entry.parent)
     if index["pinned"] and index["pinned"] != entry.name:
         print(f"the registry keeps serving {index['pinned']}, which is pinned; to serve this entry: "

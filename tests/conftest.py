@@ -100,6 +100,20 @@ def _isolated_data_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DIGITS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_tracking(tmp_path_factory):
+    """Runs that tests track go to MLflow in this session's temp folder, never to the caller's store or to
+    the default one in ~/ray_results (session scope: module fixtures that train through the CLI come first;
+    processes and clusters that tests start inherit it). A test that reads runs back names its own store."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    yield
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 @pytest.fixture(scope="session")
 def small_mnist() -> Path:
     return SMALL_MNIST

@@ -14,6 +14,7 @@ import the copy that `--working-dir` shipped. Each test stops exactly what it st
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import json
 import os
@@ -143,7 +144,8 @@ ENSEMBLE_VS_BEST_MEMBER = 0.03
 @cluster_test
 def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(cluster_head, small_mnist, tmp_path):
     """The README's main job, as a user runs it: `ray job submit --working-dir . -- python jobs/tune.py`
-    to the head of start-local.sh, with the winner retrained longer by Ray Train before it is published."""
+    to the head of start-local.sh, with the winner retrained longer by Ray Train before it is published,
+    tracked in MLflow (the `track` extra) in a SQLite store beside the search's storage."""
     from digits_ray import artifact
     from digits_ray.data.mnist import load_split
     from digits_ray.registry import best_entry
@@ -151,7 +153,8 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(cluster_hea
     registry, runs = tmp_path / "models", tmp_path / "runs"
     job = cluster_head.submit(
         "--working-dir", str(ROOT), "--", "python", "jobs/tune.py", "--smoke", "--registry", str(registry),
-        "--storage-path", str(runs), "--final-epochs", "2", "--final-workers", "2", timeout=600)
+        "--storage-path", str(runs), "--final-epochs", "2", "--final-workers", "2",
+        "--mlflow-uri", f"sqlite:///{runs / 'mlflow.db'}", timeout=600)
     (tmp_path / "job.log").write_text(job.stdout + job.stderr)
     assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout + job.stderr)[-4000:]
 
@@ -180,11 +183,49 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(cluster_hea
     assert ensemble_meta["test_accuracy"] >= max(member_accuracy) - ENSEMBLE_VS_BEST_MEMBER, (
         ensemble_meta["test_accuracy"], member_accuracy)
 
+    for kept in (metadata, ensemble_meta):  # both kept models carry a "not a digit" rule fitted on validation
+        assert kept[artifact.ABSTAIN_FIELD]["validation_kept"] >= 0.99
+
     report = {p.name for p in (entry / "search").iterdir()}
     assert {"trials.csv", "trials.md", "val_accuracy_vs_batch_size.png", "val_accuracy_vs_learning_rate.png",
             "best_per_architecture.png", "trial_curves.png", "winner_history.png", "winner_confusion_matrix.png",
             "search.json"} <= report
     assert len((entry / "search" / "trials.csv").read_text().splitlines()) == 1 + 3
+    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", registry, entry)
+
+
+def check_mlflow(uri: str, registry: Path, entry: Path) -> None:
+    """One MLflow run per trial (its config, every epoch) and one for the winner (its entry), whose id the
+    registry records."""
+    from digits_ray import artifact, tracking
+    from digits_ray.registry import read_index
+
+    index_entry = read_index(registry)["entries"][entry.name]
+    if not tracking.installed():
+        pytest.skip('MLflow is the optional `track` extra (pip install -e ".[dev,track]"); the rest was checked')
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_PREFIX + "tune")
+    found = client.search_runs([experiment.experiment_id])
+    by_role = {role: [r for r in found if r.data.tags.get(tracking.ROLE_TAG) == role] for role in ("trial", "winner")}
+    assert len(found) == 4 and len(by_role["trial"]) == 3 and len(by_role["winner"]) == 1
+    with open(entry / "search" / "trials.csv", newline="") as f:
+        trial_ids = [row["trial_id"] for row in csv.DictReader(f)]
+    assert {r.info.run_name for r in by_role["trial"]} == {f"trial_{t}" for t in trial_ids}
+    for trial_run in by_role["trial"]:
+        assert trial_run.info.status == "FINISHED" and {"model", "learning_rate"} <= set(trial_run.data.params)
+        assert [m.step for m in client.get_metric_history(trial_run.info.run_id, "val_accuracy")] == [1]
+    [winner] = by_role["winner"]
+    assert index_entry["mlflow_run_id"] == winner.info.run_id == json.loads(
+        (entry / "search" / "search.json").read_text())["mlflow_run_id"]
+    assert winner.data.metrics["test_accuracy"] == pytest.approx(artifact.read_metadata(entry)["test_accuracy"])
+    assert winner.data.params["registry_entry"] == entry.name
+    assert [m.step for m in client.get_metric_history(winner.info.run_id, "val_accuracy")] == [1, 2]
+    logged = {a.path for a in client.list_artifacts(winner.info.run_id, "entry/search")}
+    assert {"entry/search/trial_curves.png", "entry/search/winner_history.png"} <= logged
+    assert {"entry/model.keras", "entry/ensemble", "entry/tflite"} <= {
+        a.path for a in client.list_artifacts(winner.info.run_id, "entry")}
 
 
 @cluster_test

@@ -38,6 +38,7 @@ def test_the_predictor_reads_an_artifact_and_answers_with_top3(digit_model, smal
 
 def test_saliency_marks_the_ink_of_models_and_ensembles(digit_model, small_mnist, tmp_path):
     from digits_ray.ensemble import build_ensemble
+    from digits_ray.explain import scaled
 
     image = load_split("test", small_mnist).images[0]
     predictor = Predictor.from_artifact(digit_model)
@@ -56,10 +57,16 @@ def test_saliency_marks_the_ink_of_models_and_ensembles(digit_model, small_mnist
     digit = int(predictor.probabilities(image[None]).argmax())
     np.testing.assert_allclose(ensemble.probabilities(image[None]),
                                (one.probabilities(image[None]) + two.probabilities(image[None])) / 2, atol=1e-6)
-    # The ensemble's gradient is the mean of its members' (each through its own, single-model path).
-    expected = (one.gradient(image, digit) + two.gradient(image, digit)) / 2
-    assert not np.allclose(one.gradient(image, digit), two.gradient(image, digit), atol=1e-6)
-    np.testing.assert_allclose(ensemble.gradient(image, digit), expected, atol=1e-6)
+    # The ensemble's logits are the mean of its members'; so is their gradient (each member through its own path).
+    np.testing.assert_allclose(ensemble.outputs(image[None])[1],
+                               (one.outputs(image[None])[1] + two.outputs(image[None])[1]) / 2, atol=1e-5)
+
+    def gradient(p: Predictor) -> np.ndarray:
+        return p.explainer.logit_gradient(scaled(image)[None], digit)[0]
+
+    expected = (gradient(one) + gradient(two)) / 2
+    assert not np.allclose(gradient(one), gradient(two), atol=1e-6)
+    np.testing.assert_allclose(gradient(ensemble), expected, atol=1e-6)
 
 
 def test_a_model_with_another_input_is_refused():
@@ -96,6 +103,12 @@ def test_predict_files_writes_one_row_per_file_errors_included(digit_model, smal
     expected = Predictor.from_artifact(digit_model).probabilities(images[:5]).argmax(axis=1)
     assert [int(r["digit"]) for r in rows[:5]] == expected.tolist()
     assert all(r["error"] == "" and len(r["top3"].split()) == 3 for r in rows[:5])
+    # The model has an abstain rule: its answers are columns too (an artifact without one: tests/test_abstain.py).
+    answers = Predictor.from_artifact(digit_model).predict(images[:5])
+    assert [r["abstain"] for r in rows[:5]] == [str(a["abstain"]) for a in answers]
+    assert [float(r["abstain_score"]) for r in rows[:5]] == pytest.approx([a["abstain_score"] for a in answers],
+                                                                          abs=1e-4)
+    assert rows[5]["abstain"] == rows[5]["abstain_score"] == ""
     assert "not an image" in rows[5]["error"] and rows[5]["digit"] == ""
     assert "No such file" in rows[6]["error"]
     assert "7 predictions" in capsys.readouterr().out

@@ -44,6 +44,7 @@ def test_two_workers_train_and_write_the_artifact(ray_train_run):
     meta, out, run_dir = ray_train_run
     assert meta["trained_with"]["runner"] == "ray_train" and meta["trained_with"]["workers"] == 2
     assert set(artifact.REQUIRED_METADATA) <= set(artifact.read_metadata(out))
+    assert artifact.read_metadata(out)[artifact.ABSTAIN_FIELD]["validation_kept"] >= 0.99  # the abstain rule
     history = artifact.read_history(out)
     assert list(history["epoch"]) == [1, 2, 3]
     assert meta["test_accuracy"] > 0.85

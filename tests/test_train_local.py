@@ -34,6 +34,7 @@ def test_artifact_is_complete(trained):
     assert meta["versions"]["tf_keras"].startswith("2.")
     assert meta["training_seconds"] > 0 and meta["train_images_per_second"] > 0
     assert 0.85 < meta["test_accuracy"] <= 1.0  # 3 epochs on 4,500 images learn real digits
+    assert meta[artifact.ABSTAIN_FIELD]["validation_kept"] >= 0.99  # the abstain rule, fitted on validation
     history = artifact.read_history(trained)
     assert list(history["epoch"]) == [1, 2, 3]
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "ended_at"} <= set(history.columns)

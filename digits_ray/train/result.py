@@ -29,6 +29,8 @@ class FitResult:
     data_md5: dict[str, str]  # the training files it was fitted on
     split_sizes: dict[str, int]  # {"train": ..., "validation": ...}
     trained_with: dict[str, Any] = field(default_factory=dict)  # runner, workers, per-worker batch, ...
+    # The validation split (images, labels; references, not copies): what the abstain rule is fitted on.
+    validation: tuple[Any, Any] | None = None
 
     @classmethod
     def from_history(cls, model: Any, cfg: TrainConfig, rows: list[dict[str, Any]], data: TrainValData,
@@ -37,14 +39,15 @@ class FitResult:
         if "epoch" not in history:
             history.insert(0, "epoch", range(1, len(history) + 1))
         return cls(model, cfg, history, float(history["seconds"].sum()), data.md5,
-                   {"train": len(data.y_train), "validation": len(data.y_val)}, trained_with)
+                   {"train": len(data.y_train), "validation": len(data.y_val)}, trained_with, (data.x_val, data.y_val))
 
     @property
     def best(self) -> pd.Series:
         return self.history.iloc[best_epoch(self.history.to_dict("records"))]
 
-    def metadata(self, test: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The artifact's metadata; ``test``: the one test evaluation's figures, when it was run."""
+    def metadata(self, test: dict[str, Any] | None = None, abstain: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The artifact's metadata; ``test``: the one test evaluation's figures, when it was run; ``abstain``:
+        the abstain rule fitted on the validation split."""
         best = self.best
         images_seen = self.split_sizes["train"] * len(self.history)
         test = test or {}
@@ -65,9 +68,13 @@ class FitResult:
             },
             "trained_with": self.trained_with,
             **{k: test[k] for k in ("test_accuracy", "test_loss") if k in test},
+            **({artifact.ABSTAIN_FIELD: abstain} if abstain is not None else {}),
         }
 
-    def write_artifact(self, out_dir: Path | str, test: dict[str, Any] | None = None) -> dict[str, Any]:
-        metadata = self.metadata(test)
+    def write_artifact(self, out_dir: Path | str, test: dict[str, Any] | None, abstain: dict[str, Any]
+                       ) -> dict[str, Any]:
+        """The artifact, with its one test evaluation's figures and its abstain rule (both required of a
+        kept model: ``evaluate.keep`` and the Tune publish step give them)."""
+        metadata = self.metadata(test, abstain)
         artifact.write_artifact(out_dir, self.model, metadata, self.history)
         return metadata

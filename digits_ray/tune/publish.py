@@ -5,6 +5,7 @@ and publish all of it as one registry entry.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -14,14 +15,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from digits_ray import artifact, plots, registry
+from digits_ray import artifact, plots, registry, tracking
 from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import MnistSplit, load_split
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import DigitsError
-from digits_ray.evaluate import classification_metrics, predict_proba, test_figures
+from digits_ray.evaluate import abstain_rule, classification_metrics, predict_proba, test_figures
 from digits_ray.train import distributed
 from digits_ray.train.result import FitResult
 from digits_ray.tune import report, space, trial
@@ -124,6 +125,7 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
                          "size_chosen_on": "validation accuracy of the average of the top 2..k trials"},
         "test_accuracy": tested["test_accuracy"],
         "test_loss": tested["test_loss"],
+        artifact.ABSTAIN_FIELD: abstain_rule(model, (data.x_val, data.y_val)),
     }
     history = rows[["trial_id", "model", "val_accuracy", "val_loss", "best_epoch"]]
     artifact.write_artifact(out, model, metadata, history)
@@ -131,8 +133,10 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
 
 
 def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, data: TrainValData,
-                   data_dir: Path | str | None, settings: dict[str, Any]) -> Path:
-    """Everything after the search, as one registry entry; returns its folder."""
+                   data_dir: Path | str | None, settings: dict[str, Any],
+                   track: tracking.Tracking | None = None) -> Path:
+    """Everything after the search, as one registry entry; returns its folder. ``track``: the winner becomes
+    an MLflow run (parameters, history, figures, the whole entry folder), whose id the entry records."""
     from digits_ray.export import export_tflite
 
     table = trials_table(results)
@@ -144,7 +148,7 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
 
     def build(entry: Path) -> dict[str, Any]:
         tested, probs = test_figures(fitted.model, test)
-        metadata = fitted.write_artifact(entry, test=tested)
+        metadata = fitted.write_artifact(entry, test=tested, abstain=abstain_rule(fitted.model, fitted.validation))
         plots.history(fitted.history, entry / registry.SEARCH_DIR / "winner_history.png")
         plots.confusion(np.asarray(classification_metrics(probs, test.labels)["confusion_matrix"]),
                         entry / registry.SEARCH_DIR / "winner_confusion_matrix.png")
@@ -166,11 +170,22 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
             "trials": len(table),
             "experiment_path": str(search.experiment_path),
         }
-        artifact.write_json_atomic(entry / registry.SEARCH_DIR / "search.json", {
-            **summary, "settings": settings, "winner_config": by_path[table.iloc[0]["path"]].config,
-            "trained_with": metadata["trained_with"], "tflite": tflite,
-            "ensemble_members": ensemble["model_params"]["members"] if ensemble else [],
-        })
+        winner_run = (tracking.run(track, f"winner {name}", "winner", {"registry_entry": name}) if track
+                      else contextlib.nullcontext())
+        with winner_run as tracked:
+            summary["mlflow_run_id"] = tracked.id if tracked else None
+            artifact.write_json_atomic(entry / registry.SEARCH_DIR / "search.json", {
+                **summary, "settings": settings, "winner_config": by_path[table.iloc[0]["path"]].config,
+                "trained_with": metadata["trained_with"], "tflite": tflite,
+                "ensemble_members": ensemble["model_params"]["members"] if ensemble else [],
+            })
+            if tracked:
+                tracked.log_artifact(entry)
+                tracked.log_params({"winner_trial": table.iloc[0]["trial_id"], "registry_entry": name})
+                tracked.log_metrics({k: summary[k] for k in ("tflite_int8_test_accuracy", "ensemble_test_accuracy",
+                                                             "trials")})
+                tracked.log_folder(entry, "entry")
         return summary
 
-    return registry.publish(publish.registry, registry.entry_name(search.name), build)
+    name = registry.entry_name(search.name)
+    return registry.publish(publish.registry, name, build)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from digits_ray import tracking
 from digits_ray.config import TrainConfig
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
@@ -73,6 +74,10 @@ class SearchConfig:
     @property
     def experiment_path(self) -> Path:
         return Path(self.storage_path).expanduser() / self.name
+
+    @property
+    def mlflow_experiment(self) -> str:
+        return tracking.EXPERIMENT_PREFIX + self.name
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "space": dataclasses.asdict(self.space), "base": self.base.to_dict()}
@@ -180,9 +185,11 @@ def check_experiment_path(path: Path, resume: bool) -> None:
         raise DigitsError(f"{path} already holds a search: continue it with --resume, or give a new --name")
 
 
-def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False, data_dir: Path | None = None):
+def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False, data_dir: Path | None = None,
+               track: tracking.Tracking | None = None):
     """A new ``Tuner`` (its settings saved beside it), or, with ``resume``, the interrupted one at
-    ``search.experiment_path``."""
+    ``search.experiment_path`` (with the MLflow logger it was started with, if any). ``track``: log every
+    trial to MLflow (Ray's logger goes in Tune's RunConfig: Train V2's refuses Tune callbacks)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -213,14 +220,16 @@ def make_tuner(search: SearchConfig, data: TrainValData, resume: bool = False, d
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
             failure_config=tune.FailureConfig(max_failures=1),
+            callbacks=[tracking.tune_callback(track)] if track else None,
         ),
     )
 
 
-def run(search: SearchConfig, data: TrainValData, resume: bool = False, data_dir: Path | None = None) -> Any:
+def run(search: SearchConfig, data: TrainValData, resume: bool = False, data_dir: Path | None = None,
+        track: tracking.Tracking | None = None) -> Any:
     """Run (or continue) the search; returns Tune's ``ResultGrid``. ``data_dir``: where ``data`` was read,
-    saved with the settings so that a resume reads the same files."""
-    return make_tuner(search, data, resume, data_dir).fit()
+    saved with the settings so that a resume reads the same files; ``track``: MLflow, one run per trial."""
+    return make_tuner(search, data, resume, data_dir, track).fit()
 
 
 def trial_history(result: Any) -> Any:
