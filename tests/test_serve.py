@@ -116,13 +116,32 @@ def test_concurrent_requests_each_get_their_own_answers(server, digits, digit_mo
     assert merged > 1
 
 
-def test_explain_returns_what_the_model_saw_and_a_saliency_map(server, digits):
+def test_explain_returns_what_the_model_saw_and_the_chosen_map(server, digits):
     big = np.asarray(Image.fromarray(255 - digits.images[1]).resize((200, 200)))  # dark on light, large
-    body = requests.post(f"{server}/predict?explain=true", data=png_bytes(big),
-                         headers={"Content-Type": "image/png"}).json()
-    seen = png_image(body["seen"])
-    assert seen.shape == (28, 28) and seen.dtype == np.uint8 and seen[0].max() == 0  # white on black, framed
-    assert png_image(body["saliency"]).shape == (28, 28, 3)
+    for asked, method in (("true", "gradcam"), ("gradcam", "gradcam"), ("saliency", "saliency")):
+        response = requests.post(f"{server}/predict?explain={asked}", data=png_bytes(big),
+                                 headers={"Content-Type": "image/png"})
+        body = response.json()
+        assert response.status_code == 200 and body["explanation"]["method"] == method, body.get("explanation")
+        seen = png_image(body["seen"])
+        assert seen.shape == (28, 28) and seen.dtype == np.uint8 and seen[0].max() == 0  # white on black, framed
+        assert png_image(body["saliency"]).shape == (28, 28, 3)
+    plain = requests.post(f"{server}/predict?explain=false", data=png_bytes(big),
+                          headers={"Content-Type": "image/png"}).json()
+    assert "saliency" not in plain and "explanation" not in plain
+
+
+def test_answers_say_whether_the_model_abstains(server, digits, digit_model):
+    """The fixture model carries a not-a-digit rule: a digit passes, a blank canvas does not."""
+    info = requests.get(f"{server}/model").json()
+    assert info["abstain"]["threshold"] == artifact.read_metadata(digit_model)["abstain"]["threshold"]
+    digit = requests.post(f"{server}/predict", data=png_bytes(digits.images[0]),
+                          headers={"Content-Type": "image/png"}).json()
+    assert digit["abstain"] is False and digit["abstain_score"] <= info["abstain"]["threshold"]
+    faint = np.zeros((28, 28), np.uint8)
+    faint[13:15, 13:15] = 255  # a speck: far less ink than any digit
+    speck = requests.post(f"{server}/predict", json={"pixels": faint.tolist()}).json()
+    assert speck["abstain"] is True
 
 
 def test_health_metadata_and_openapi(server, digit_model):
@@ -171,6 +190,7 @@ def test_bad_input_gets_a_4xx_saying_why_and_the_server_keeps_serving(server, di
         ("text multipart field", {"files": {"file": (None, "just text")}}, 422, "not a file"),
         ("blank image", {"data": png, "headers": {"Content-Type": "image/png"}}, 422, "blank"),
         ("explain too many", {"json": {"images": [image] * 17}, "params": {"explain": "true"}}, 422, "explain"),
+        ("unknown explain method", {"json": {"pixels": image}, "params": {"explain": "lime"}}, 422, "gradcam"),
         ("deeply nested JSON", {"data": '{"pixels": ' + "[" * 5000 + "]" * 5000 + "}",
                                 "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
         ("huge integers", {"data": json.dumps({"pixels": [[10 ** 400] * 28] * 28}),
@@ -241,7 +261,7 @@ def test_the_drawing_page_reads_digits_drawn_in_chromium(server, tmp_path, digit
         for digit, strokes in STROKES.items():
             page.click("#clear")
             assert page.locator("#digit").text_content() == "?"
-            with page.expect_response("**/predict?explain=true"):
+            with page.expect_response("**/predict?explain=*"):
                 for stroke in strokes:
                     (x, y), *rest = stroke
                     page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"])
@@ -266,7 +286,7 @@ def test_the_drawing_page_reads_digits_drawn_in_chromium(server, tmp_path, digit
                 {"x": box["x"] + x * box["width"], "y": box["y"] + y * box["height"]}]})
 
         stroke = STROKES[1][0]
-        with page.expect_response("**/predict?explain=true"):
+        with page.expect_response("**/predict?explain=*"):
             finger("touchStart", *stroke[0])
             for (x0, y0), (x1, y1) in zip(stroke, stroke[1:]):
                 for t in np.linspace(0, 1, 7)[1:]:
@@ -277,7 +297,7 @@ def test_the_drawing_page_reads_digits_drawn_in_chromium(server, tmp_path, digit
         upload = tmp_path / "upload.png"
         upload.write_bytes(png_bytes(255 - np.kron(digits.images[3], np.ones((8, 8), np.uint8))))
         expected = Predictor.from_artifact(digit_model).predict(image_to_mnist(upload.read_bytes())[None])[0]
-        with page.expect_response("**/predict?explain=true"):
+        with page.expect_response("**/predict?explain=*"):
             page.set_input_files("#upload", str(upload))
         page.wait_for_function(f"document.getElementById('digit').textContent === '{expected['digit']}'")
         browser.close()
@@ -297,12 +317,12 @@ def test_the_page_asks_for_the_token_and_sends_it(server, tmp_path, digits, digi
         page = browser.new_page()
         page.goto(f"{server}/auth/")
         page.wait_for_selector("#token-row", state="visible")  # /model said auth_required
-        with page.expect_response("**/auth/predict?explain=true") as answer:
+        with page.expect_response("**/auth/predict?explain=*") as answer:
             page.set_input_files("#upload", str(upload))
         assert answer.value.status == 401
         page.wait_for_function("document.getElementById('status').textContent.includes('Bearer')")
         page.fill("#token", TOKEN)
-        with page.expect_response("**/auth/predict?explain=true") as answer:
+        with page.expect_response("**/auth/predict?explain=*") as answer:
             page.set_input_files("#upload", str(upload))
         assert answer.value.status == 200
         page.wait_for_function(f"document.getElementById('digit').textContent === '{expected}'")

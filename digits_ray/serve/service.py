@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
+from digits_ray.explain import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS
 from digits_ray.images import data_url, png_bytes, saliency_overlay
 from digits_ray.serve.holder import Loaded, ModelHolder, ModelNotReady
 from digits_ray.serve.inputs import RequestError, parse
@@ -53,6 +54,18 @@ def split_answers(answers: list, sizes: list[int]) -> list[list]:
         raise ValueError(f"{len(answers)} answers for {sum(sizes)} images")  # a bug: never hand out others' answers
     bounds = np.cumsum([0, *sizes])
     return [answers[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def explain_method(value: str | None) -> str | None:
+    """``explain`` as the API takes it: absent or false (no map), true (the default method), or a method."""
+    text = (value or "false").strip().lower()
+    if text in ("false", "0", ""):
+        return None
+    if text in ("true", "1"):
+        return DEFAULT_EXPLAIN_METHOD
+    if text not in EXPLAIN_METHODS:
+        raise RequestError(422, f"explain={value!r} is not one of true, false, {', '.join(EXPLAIN_METHODS)}")
+    return text
 
 
 def running_ingress() -> str:
@@ -134,7 +147,11 @@ class DigitsService:
         except ModelNotReady as err:
             return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": "1"})
         s = self.settings
-        return {**loaded.predictor.info.to_dict(), "metadata": loaded.predictor.metadata,
+        rule = loaded.predictor.abstain_rule
+        abstain = ({k: v for k, v in rule.to_dict().items() if k not in ("class_means", "precision")} if rule else
+                   None)  # None: this model has no not-a-digit rule, so its answers carry no abstain fields
+        return {**loaded.predictor.info.to_dict(), "metadata": loaded.predictor.metadata, "abstain": abstain,
+                "explain_methods": list(EXPLAIN_METHODS),
                 "auth_required": s.token_sha256 is not None, "ingress": running_ingress(), **self.holder.describe(),
                 "batching": dict(self.batching),
                 "limits": {"max_body_bytes": s.max_body_bytes, "max_images": s.max_images,
@@ -142,9 +159,10 @@ class DigitsService:
                            "request_timeout_s": s.admission.request_timeout_s}}
 
     @api.post("/predict", openapi_extra=PREDICT_BODY)
-    async def predict(self, request: Request, explain: bool = False) -> JSONResponse:
-        """Digit, confidence, top 3 and all ten probabilities per image; ``explain=true`` adds the 28x28
-        the model saw and a gradient saliency map, as PNG data URLs."""
+    async def predict(self, request: Request, explain: str | None = None) -> JSONResponse:
+        """Digit, confidence, top 3 and all ten probabilities per image (and ``abstain``, ``abstain_score`` from a
+        model with a not-a-digit rule); ``explain=gradcam|saliency|smoothgrad`` (``true``: gradcam) adds the
+        28x28 the model saw and that method's map over it, as PNG data URLs."""
         admission = self.settings.admission
         if self.pending >= admission.max_pending:
             return self._refuse(RequestError(503, f"the service is busy ({self.pending} requests in this "
@@ -162,20 +180,22 @@ class DigitsService:
         finally:
             self.pending -= 1
 
-    async def _answer(self, request: Request, explain: bool) -> JSONResponse:
+    async def _answer(self, request: Request, explain: str | None) -> JSONResponse:
         self._authorize(request)
+        method = explain_method(explain)
         parsed = await parse(request.headers, request.stream(), self.settings)
-        if explain and len(parsed.images) > self.settings.max_explained:
-            raise RequestError(422, f"explain=true is accepted for up to {self.settings.max_explained} "
+        if method and len(parsed.images) > self.settings.max_explained:
+            raise RequestError(422, f"explain is accepted for up to {self.settings.max_explained} "
                                     f"images; got {len(parsed.images)}")
         images = np.stack(parsed.images)
         predictions, loaded = await self._batched(images)
         self.metrics.answered(predictions)
-        if explain:
+        if method:
             for image, prediction in zip(images, predictions):
-                saliency = await asyncio.to_thread(loaded.predictor.saliency, image, prediction["digit"])
+                explained = await asyncio.to_thread(loaded.predictor.explain, image, prediction["digit"], method)
                 prediction["seen"] = data_url(png_bytes(image))
-                prediction["saliency"] = data_url(png_bytes(saliency_overlay(image, saliency)))
+                prediction["saliency"] = data_url(png_bytes(saliency_overlay(image, explained.map)))
+                prediction["explanation"] = {"method": explained.method, "note": explained.note}
         if parsed.batch:
             return JSONResponse({"predictions": predictions, "model": loaded.source})
         return JSONResponse({**predictions[0], "model": loaded.source})
