@@ -491,7 +491,8 @@ def test_rayservice_matches_the_serve_config_for_serve_deploy():
 
 def test_serve_configs_name_a_valid_user_config_and_serves_start_switches():
     """Both Serve configs give the deployment a user_config the replicas accept, and the RayService's pods
-    start Ray with the switches settings.ray_start_env names (all but our wrapper, which the image lacks)."""
+    start Ray with Ray's switches that settings.ray_start_env names (all but our wrapper and its settings,
+    which the image lacks)."""
     from digits_ray.serve.settings import DEPLOYMENT_NAME, ModelChoice, ray_start_env
 
     service = the("RayService")[0]
@@ -499,7 +500,8 @@ def test_serve_configs_name_a_valid_user_config_and_serves_start_switches():
         (deployment,) = config["applications"][0]["deployments"]
         assert deployment["name"] == DEPLOYMENT_NAME
         ModelChoice.from_user_config(deployment["user_config"])
-    wanted = {k: v for k, v in ray_start_env().items() if k != "RAY_SERVE_HAPROXY_BINARY_PATH"}
+    wanted = {k: v for k, v in ray_start_env().items()  # Ray's switches; DIGITS_* are read by our wrapper only
+              if k.startswith("RAY_SERVE_") and k != "RAY_SERVE_HAPROXY_BINARY_PATH"}
     for group, pod in pod_templates(service["spec"]["rayClusterConfig"]):
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
         assert {k: env.get(k) for k in wanted} == wanted, group

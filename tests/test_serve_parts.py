@@ -4,13 +4,14 @@ HAProxy wrapper's rewrite, and the model holder's swap, refusal and health probe
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import numpy as np
 import pytest
 
 from digits_ray.errors import ConfigError, DigitsError
-from digits_ray.serve.haproxy import admin_on
+from digits_ray.serve.haproxy import busy_response, rewritten
 from digits_ray.serve.holder import PROBE, Loaded, ModelHolder, load, probe_matches
 from digits_ray.serve.service import split_answers
 from digits_ray.serve.settings import ModelChoice, ServeSettings, settings_from_args
@@ -52,23 +53,44 @@ def test_builder_arguments_are_checked(digit_model, tmp_path, monkeypatch):
 
 HAPROXY_CONFIG = """global
     stats socket /tmp/x/admin.sock mode 666 level admin
+defaults
+    mode http
+    timeout connect 5s
+    errorfile 503 /tmp/x/500.http
 frontend prometheus
     bind :9101
     mode http
 frontend http_frontend
     bind *:8000
     # a comment line
+backend http-digits
+    server SERVE_REPLICA_digits-DigitsService-ab12 127.0.0.1:30000 check observe layer4
+    server SERVE_PROXY_ACTOR-fallback-77 127.0.0.1:8500 check backup
 listen stats
   bind *:8404
   stats enable
 """
 
 
-def test_the_haproxy_wrapper_moves_only_the_admin_ports_to_loopback():
-    fixed = admin_on(HAPROXY_CONFIG, "127.0.0.1")
+def test_the_haproxy_wrapper_bounds_replicas_and_keeps_admin_ports_on_loopback():
+    fixed = rewritten(HAPROXY_CONFIG, "127.0.0.1", 32, 1.0, "/tmp/x/busy.http")
     assert "    bind 127.0.0.1:9101\n" in fixed and "  bind 127.0.0.1:8404\n" in fixed
     assert "    bind *:8000\n" in fixed  # the HTTP frontend keeps the host Serve was given
-    assert fixed.count("\n") == HAPROXY_CONFIG.count("\n") and admin_on(fixed, "127.0.0.1") == fixed
+    assert "127.0.0.1:30000 check observe layer4 maxconn 32\n" in fixed
+    assert "127.0.0.1:8500 check backup\n" in fixed  # the fallback proxy is not capped
+    assert "    timeout connect 5s\n    timeout queue 1s\n" in fixed
+    assert "    errorfile 503 /tmp/x/busy.http\n" in fixed and "500.http" not in fixed
+    assert rewritten(fixed, "127.0.0.1", 32, 1.0, "/tmp/x/busy.http") == fixed  # a second pass changes nothing
+    assert "maxconn 8\n" in rewritten(fixed, "127.0.0.1", 8, 1.0, "/tmp/x/busy.http")
+    no_errorfile = HAPROXY_CONFIG.replace("    errorfile 503 /tmp/x/500.http\n", "")
+    assert "errorfile 503 /tmp/x/busy.http" in rewritten(no_errorfile, "127.0.0.1", 32, 1.0, "/tmp/x/busy.http")
+
+
+def test_haproxys_own_503_is_the_services_json_with_retry_after():
+    head, _, body = busy_response().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503 ") and "Retry-After: 1" in head
+    assert f"Content-Length: {len(body.encode())}" in head
+    assert set(json.loads(body)) == {"error", "accepted"} and "busy" in json.loads(body)["error"]
 
 
 def test_the_holder_swaps_refuses_a_broken_model_and_keeps_serving(digit_model, cli_model, tmp_path):

@@ -1,16 +1,23 @@
-"""``digits-ray-haproxy``: Ray Serve's HAProxy, with its admin ports on loopback and its life tied to Ray's.
+"""``digits-ray-haproxy``: Ray Serve's HAProxy, bounded, with its admin ports on loopback and its life tied to Ray's.
 
 Ray Serve 2.60 in HAProxy mode renders a config whose stats page (``listen stats``, ``bind *:8404``) and
 Prometheus exporter (``frontend prometheus``, ``bind :9101``) listen on every interface, whatever the
-HTTP host, and starts HAProxy as a child process that lives on when the Ray process that started it is
-killed. Ray runs this script in HAProxy's place (``RAY_SERVE_HAPROXY_BINARY_PATH``, set by
-``settings.ray_start_env``). It
+HTTP host; that forwards every request to a replica however many it already holds; and HAProxy runs as a
+child process that lives on when the Ray process that started it is killed. Ray runs this script in
+HAProxy's place (``RAY_SERVE_HAPROXY_BINARY_PATH``, set by ``settings.ray_start_env``). In place, under
+Ray's own lock on the config file, it
 
-- rewrites the bind lines of those two sections, in place and under Ray's own lock on the file, to
-  $DIGITS_SERVE_ADMIN_HOST (127.0.0.1 unless told otherwise); the HTTP frontend keeps the host Serve
-  was given;
-- asks the kernel to send HAProxy SIGTERM when its parent dies;
-- and replaces itself with the real HAProxy (the one ``ray-haproxy`` bundles), same arguments, same pid.
+- moves the bind lines of those two sections to $DIGITS_SERVE_ADMIN_HOST (127.0.0.1 unless told
+  otherwise); the HTTP frontend keeps the host Serve was given;
+- gives each replica server ``maxconn`` ($DIGITS_SERVE_REPLICA_MAXCONN): HAProxy holds the requests
+  beyond it in its own queue, in C, for at most ``timeout queue`` ($DIGITS_SERVE_QUEUE_TIMEOUT_S), then
+  answers 503 itself. A flood is then refused at HAProxy's cost, not at a Python replica's, which would
+  spend the cores that the answered requests need;
+- answers HAProxy's own 503s (full queue, no replica up) in the service's JSON error form with
+  Retry-After, instead of Ray's plain "500 Internal Server Error" page;
+
+then asks the kernel to send HAProxy SIGTERM when its parent dies, and replaces itself with the real
+HAProxy (the one ``ray-haproxy`` bundles), same arguments, same pid.
 """
 
 from __future__ import annotations
@@ -26,39 +33,81 @@ from pathlib import Path
 
 ADMIN_SECTIONS = (("listen", "stats"), ("frontend", "prometheus"))
 ADMIN_HOST_ENV = "DIGITS_SERVE_ADMIN_HOST"
+MAXCONN_ENV = "DIGITS_SERVE_REPLICA_MAXCONN"  # requests HAProxy sends one replica at once
+QUEUE_TIMEOUT_ENV = "DIGITS_SERVE_QUEUE_TIMEOUT_S"  # how long a request may wait in HAProxy's queue
 BINARY_ENV = "DIGITS_HAPROXY_BINARY"  # the real HAProxy, when not the bundled one
+REPLICA_SERVER = "SERVE_REPLICA_"  # how Ray names replica servers (the fallback proxy is SERVE_PROXY_ACTOR-...)
+BUSY_FILE = "digits-busy.http"
 PR_SET_PDEATHSIG = 1
 
 
-def admin_on(config: str, host: str) -> str:
-    """``config`` with the bind lines of the stats and Prometheus sections moved to ``host``."""
+def rewritten(config: str, host: str, maxconn: int, queue_timeout_s: float, busy_file: str) -> str:
+    """``config`` with the admin binds on ``host``, replica servers capped at ``maxconn`` with a queue of
+    ``queue_timeout_s``, and HAProxy's 503 answered from ``busy_file``. Applying it twice changes nothing."""
     lines, section = [], None
+    errorfile = "" if "errorfile 503" in config else f"errorfile 503 {busy_file}"  # Ray sets one; else ours
     for line in config.splitlines(keepends=True):
         words = line.split()
+        indent = line[: len(line) - len(line.lstrip())]
         if words and not line[0].isspace() and not words[0].startswith("#"):
             section = tuple(words[:2])
         if section in ADMIN_SECTIONS and words[:1] == ["bind"] and len(words) >= 2:
             port = words[1].rsplit(":", 1)[-1]
-            indent = line[: len(line) - len(line.lstrip())]
             line = f"{indent}bind {host}:{port}{''.join(' ' + w for w in words[2:])}\n"
+        elif words[:2] == ["timeout", "queue"]:
+            continue  # ours is set below, after `timeout connect`
+        elif section == ("defaults",) and words[:2] == ["timeout", "connect"]:
+            line += f"{indent}timeout queue {queue_timeout_s:g}s\n" + (f"{indent}{errorfile}\n" if errorfile else "")
+        elif words[:2] == ["errorfile", "503"]:
+            line = f"{indent}errorfile 503 {busy_file}\n"
+        elif words[:1] == ["server"] and len(words) > 1 and words[1].startswith(REPLICA_SERVER):
+            if "maxconn" in words:
+                at = words.index("maxconn")
+                words = words[:at] + words[at + 2:]
+            line = f"{indent}{' '.join(words)} maxconn {maxconn}\n"
         lines.append(line)
     return "".join(lines)
 
 
-def rewrite_in_place(path: Path, host: str) -> None:
-    """Under Ray's lock on the config (``<config>.lock``), replace the file atomically."""
+def busy_response() -> str:
+    """HAProxy's 503, as the service answers a full replica: JSON ``{"error", "accepted"}`` and Retry-After."""
+    import json
+
+    from digits_ray.serve.inputs import ACCEPTED
+    from digits_ray.serve.settings import Admission
+
+    retry = Admission().retry_after_s
+    body = json.dumps({"error": f"the service is busy or has no replica ready; retry after {retry} s",
+                       "accepted": ACCEPTED})
+    return ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nCache-Control: no-cache\r\n"
+            f"Retry-After: {retry}\r\nContent-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}")
+
+
+def rewrite_in_place(path: Path) -> None:
+    """Under Ray's lock on the config (``<config>.lock``), write our 503 page and replace the file atomically."""
+    from digits_ray.serve.settings import HAPROXY_QUEUE_TIMEOUT_S, HAPROXY_REPLICA_MAXCONN
+
+    host = os.environ.get(ADMIN_HOST_ENV, "127.0.0.1")
+    maxconn = int(os.environ.get(MAXCONN_ENV, HAPROXY_REPLICA_MAXCONN))
+    queue_timeout_s = float(os.environ.get(QUEUE_TIMEOUT_ENV, HAPROXY_QUEUE_TIMEOUT_S))
+    busy = path.parent / BUSY_FILE
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            _write_atomic(busy, busy_response())
             text = path.read_text()
-            fixed = admin_on(text, host)
+            fixed = rewritten(text, host, maxconn, queue_timeout_s, str(busy))
             if fixed != text:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-                with os.fdopen(fd, "w") as f:
-                    f.write(fixed)
-                os.replace(tmp, path)
+                _write_atomic(path, fixed)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def real_haproxy() -> str:
@@ -83,7 +132,7 @@ def real_haproxy() -> str:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "-f" in args:
-        rewrite_in_place(Path(args[args.index("-f") + 1]), os.environ.get(ADMIN_HOST_ENV, "127.0.0.1"))
+        rewrite_in_place(Path(args[args.index("-f") + 1]))
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # kept across exec: HAProxy ends with its parent

@@ -33,6 +33,11 @@ APP_NAME = "digits"
 DEPLOYMENT_NAME = "DigitsService"
 INGRESS_MODES = ("haproxy", "proxy")
 HAPROXY_WRAPPER = "digits-ray-haproxy"  # console script: see digits_ray/serve/haproxy.py
+# HAProxy's admission (haproxy.py): requests it sends one replica at once, and how long the rest may wait in
+# its queue before it answers 503. A replica answers a few hundred single images per second, in batches of
+# up to 32, so 32 at once keeps its batches full and a second of queue is a few hundred requests per replica.
+HAPROXY_REPLICA_MAXCONN = 32
+HAPROXY_QUEUE_TIMEOUT_S = 1.0
 
 
 def token_digest(token: str) -> str:
@@ -78,6 +83,8 @@ def ray_start_env(mode: str | None = None) -> dict[str, str]:
             # A replica leaving (scale-down, swap of replicas, shutdown) stops taking requests at once and
             # finishes those it holds; HAProxy drops it from its table within a reload, well under this.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+            "DIGITS_SERVE_REPLICA_MAXCONN": str(HAPROXY_REPLICA_MAXCONN),
+            "DIGITS_SERVE_QUEUE_TIMEOUT_S": f"{HAPROXY_QUEUE_TIMEOUT_S:g}",
         })
     return env
 
