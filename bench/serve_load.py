@@ -15,9 +15,11 @@ when Ray starts; --variants picks some):
 
 For each: single-image PNG requests at fixed rates (open loop: request i leaves at i/rate whatever came
 back), then 4 clients sending 256-image multipart batches in a closed loop. For the last variant (the
-default) also: its capacity (closed loop, 32 clients), floods at 1x, 2x and 4x that capacity with the
-answers afterwards, and every MNIST test digit as a PNG against the model's offline accuracy. The load
-generator (aiohttp) shares the machine's cores; the CPU it used is reported per row. Prints and saves
+default) also: its capacity (closed loop), floods at 1x, 2x and 4x that capacity with the answers
+afterwards and the CPU each part of the server used, and every MNIST test digit as a PNG against the
+model's offline accuracy. The load generators share the machine's cores, and the CPU they used is
+reported per row: aiohttp (asyncio) for the fixed rates, Debian's compiled ``wrk`` for capacity and floods
+(apt-get install wrk; bench/open_loop.lua spreads its requests like an open loop). Prints and saves
 bench/results/serve_load.{json,md} and serve_load_latency.png; the previous run's figures are quoted.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,11 +210,13 @@ async def fixed_rate(url: str, pngs: list[bytes], rate: float, seconds: float) -
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(i)))
+        sending = time.perf_counter() - start  # longer than ``seconds`` when the generator fell behind
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     ok = [s for status, s in answers if status == 200]
     statuses = [status for status, _ in answers]
-    return {"rate": rate, "requests": total, "ok": len(ok), "busy": statuses.count(503) + statuses.count(429),
+    return {"rate": rate, "sent_per_s": round(total / sending, 1), "requests": total, "ok": len(ok),
+            "busy": statuses.count(503) + statuses.count(429),
             "failed": sum(s not in (200, 503, 429) for s in statuses), "timeouts": statuses.count(None),
             "ok_per_s": round(len(ok) / elapsed, 1), **percentiles(ok),
             "p99_all_ms": percentiles([s for _, s in answers])["p99_ms"],
@@ -293,23 +298,88 @@ def measure(variant: str, url: str, pngs: list[bytes], args: argparse.Namespace)
     return result
 
 
-def overload(url: str, pngs: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
-    """Capacity (closed loop), then floods at multiples of it, each followed by a few normal requests."""
-    single = lambda: {"data": pngs[np.random.randint(len(pngs))], "headers": {"Content-Type": "image/png"}}  # noqa: E731
-    capacity = client_cpu(lambda: asyncio.run(closed_loop(url, single, 32, args.seconds, 1)))
-    print(f"{'capacity':>15}  {capacity['per_s']} req/s with 32 clients, p50 {capacity['p50_ms']} ms", flush=True)
+def session_cpu(session: int) -> dict[str, float]:
+    """CPU seconds so far of the server's processes (its own session), by kind of process."""
+    kinds = {"haproxy": "HAProxy", "ray::ServeReplica": "replicas", "ray::HAProxyManager": "HAProxy manager"}
+    totals: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) != session:
+            continue
+        kind = next((v for k, v in kinds.items() if cmdline.startswith(k) or Path(cmdline).name == k), "rest of Ray")
+        totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def wrk(url: str, body: Path, seconds: float, connections: int, rate: float | None) -> dict[str, Any]:
+    """Debian's compiled ``wrk`` at Ray workers' niceness (15), so it takes no priority over the service:
+    ``connections`` connections sending single PNGs, at ``rate`` requests/s in all (bench/open_loop.lua spreads
+    them like an open loop), or (None) each as fast as answers come, a closed loop. Returns statuses, the latency
+    of all answers and the CPU it used."""
+    import re
+    import resource
+
+    env = {**os.environ, "BODY": str(body), "MEAN_MS": f"{1000 * connections / rate:g}" if rate else "0"}
+    command = ["nice", "-n", "15", "wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds:g}s", "--latency",
+               "-s", str(Path(__file__).with_name("open_loop.lua")), f"{url}/predict"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def number(pattern: str, default: float = 0.0) -> float:
+        found = re.search(pattern, out)
+        return float(found.group(1)) if found else default
+
+    def ms(label: str) -> float:
+        found = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return round(float(found.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[found.group(2)], 2) if found else nan
+
+    nan = float("nan")
+    total, span = number(r"(\d+) requests in"), number(r"requests in ([\d.]+)s", seconds)
+    refused = number(r"Non-2xx or 3xx responses: (\d+)")
+    errors = sum(number(rf"{kind} (\d+)") for kind in ("connect", "read", "write", "timeout"))
+    return {"sent": int(total), "sent_per_s": round(total / span, 1), "ok": int(total - refused),
+            "ok_per_s": round((total - refused) / span, 1), "busy": int(refused), "failed": int(errors),
+            "p50_all_ms": ms("50"), "p99_all_ms": ms("99"),
+            "client_cpu_cores": round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / span, 2)}
+
+
+def overload(url: str, pngs: list[bytes], session: int, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Capacity (closed loop), then floods at multiples of it, each followed by a few normal requests; the CPU
+    each part of the server used meanwhile."""
+    from digits_ray.serve.settings import HAPROXY_REPLICA_MAXCONN
+
+    body = Path(tempfile.mkstemp(suffix=".png")[1])
+    body.write_bytes(pngs[0])
+    connections = replicas * HAPROXY_REPLICA_MAXCONN  # every replica's slots busy, none queued
+    capacity = wrk(url, body, args.seconds, connections, None)
+    print(f"{'capacity':>15}  {capacity['ok_per_s']} answers/s with {connections} connections, p50 "
+          f"{capacity['p50_all_ms']} ms, generator {capacity['client_cpu_cores']} cores", flush=True)
     rows = []
     for factor in args.floods:
-        rate = factor * capacity["per_s"]
-        row = client_cpu(lambda rate=rate: asyncio.run(fixed_rate(url, pngs, rate, args.seconds)))
+        rate = factor * capacity["ok_per_s"]
+        cpu = session_cpu(session)
+        row = wrk(url, body, args.seconds, max(1, round(rate)), rate)  # about one request/s per connection
+        used = session_cpu(session)
+        row["server_cpu_cores"] = {k: round((used[k] - cpu.get(k, 0.0)) / args.seconds, 2) for k in used}
         after = asyncio.run(fixed_rate(url, pngs, 5, 3))  # right after the flood
-        row.update(factor=factor, after_p99_ms=after["p99_ms"], after_ok=after["ok"], after_requests=after["requests"])
+        row.update(factor=factor, rate=rate, after_p99_ms=after["p99_ms"], after_ok=after["ok"],
+                   after_requests=after["requests"])
         rows.append(row)
-        print(f"{f'{factor}x flood':>15}  {rate:6.0f} req/s sent  ok/s {row['ok_per_s']:6.1f}  busy {row['busy']}  "
-              f"failed {row['failed']}  timeouts {row['timeouts']}  p99 of all {row['p99_all_ms']} ms  after: "
-              f"{after['ok']}/{after['requests']} ok, p99 {after['p99_ms']} ms  client {row['client_cpu_cores']} cores",
-              flush=True)
-    return {"capacity": capacity, "floods": rows}
+        print(f"{f'{factor}x flood':>15}  {rate:6.0f} req/s asked, {row['sent_per_s']:.0f} sent  ok/s "
+              f"{row['ok_per_s']:6.1f}  503s {row['busy']}  failed {row['failed']}  p99 of all {row['p99_all_ms']} ms"
+              f"  after: {after['ok']}/{after['requests']} ok, p99 {after['p99_ms']} ms  generator "
+              f"{row['client_cpu_cores']} cores  server {row['server_cpu_cores']}", flush=True)
+    body.unlink()
+    return {"capacity": capacity, "capacity_connections": connections, "floods": rows}
 
 
 # --- report ---
@@ -367,18 +437,24 @@ def report(results: list[dict[str, Any]], flood: dict[str, Any] | None, accuracy
     ]
     if flood:
         cap = flood["capacity"]
-        flood_rows = [{"factor": f"{row['factor']}x", "sent": f"{row['rate']:.0f}", "ok_per_s": row["ok_per_s"],
-                       "share": f"{row['ok_per_s'] / cap['per_s']:.0%}", "busy": row["busy"],
-                       "failed": row["failed"] + row["timeouts"], "p99_all": row["p99_all_ms"],
+        flood_rows = [{"factor": f"{row['factor']}x", "sent": f"{row['rate']:.0f} ({row['sent_per_s']:.0f})",
+                       "ok_per_s": row["ok_per_s"], "share": f"{row['ok_per_s'] / cap['ok_per_s']:.0%}",
+                       "busy": row["busy"], "failed": row["failed"], "p99_all": row["p99_all_ms"],
                        "after": f"{row['after_ok']}/{row['after_requests']}, p99 {row['after_p99_ms']} ms",
-                       "cpu": row["client_cpu_cores"]} for row in flood["floods"]]
-        lines += ["", f"Overload, `{results[-1]['variant']}`: capacity {cap['per_s']} req/s (32 clients in a closed "
-                      f"loop, p50 {cap['p50_ms']} ms); then {args.seconds:.0f} s at multiples of it, and 3 s at "
-                      f"5 req/s right after:", "",
-                  markdown_table(flood_rows, [("factor", "load"), ("sent", "req/s sent"), ("ok_per_s", "200s/s"),
-                                              ("share", "200s / capacity"), ("busy", "503s"), ("failed", "failed"),
-                                              ("p99_all", "p99 of all ms"), ("after", "after: ok, p99"),
-                                              ("cpu", "client cores")])]
+                       "cpu": row["client_cpu_cores"],
+                       "server": ", ".join(f"{k} {v}" for k, v in sorted(row["server_cpu_cores"].items()))}
+                      for row in flood["floods"]]
+        lines += ["", f"Overload, `{results[-1]['variant']}`, with `wrk` (Debian's, compiled; at Ray workers' "
+                      f"niceness): capacity {cap['ok_per_s']} answers/s ({flood['capacity_connections']} connections "
+                      f"in a closed loop, p50 {cap['p50_all_ms']} ms, generator {cap['client_cpu_cores']} cores); "
+                      f"then {args.seconds:.0f} s at multiples of it (bench/open_loop.lua: about one request/s "
+                      f"per connection, spread like an open loop), and 3 s at 5 req/s right after. CPU in cores:",
+                  "",
+                  markdown_table(flood_rows, [("factor", "load"), ("sent", "req/s asked (sent)"),
+                                              ("ok_per_s", "200s/s"), ("share", "200s / capacity"),
+                                              ("busy", "503s"), ("failed", "failed"), ("p99_all", "p99 of all ms"),
+                                              ("after", "after: ok, p99"), ("cpu", "generator"),
+                                              ("server", "server")])]
     if accuracy:
         lines += ["", f"MNIST test digits sent as PNG through `/predict`: {accuracy['accuracy']:.2%} "
                       f"({accuracy['images']} images); the same model offline: {accuracy['offline_accuracy']:.2%}."]
@@ -426,7 +502,8 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="servers to measure, in this order; the last also gets the floods and accuracy")
     parser.add_argument("--rates", type=float, nargs="+", default=[100, 200])
-    parser.add_argument("--floods", type=float, nargs="+", default=[1, 2, 4], help="multiples of capacity")
+    parser.add_argument("--floods", type=float, nargs="*", default=[1, 2, 4],
+                        help="multiples of capacity (none: no capacity or floods)")
     parser.add_argument("--seconds", type=float, default=10, help="per rate, batched load and flood")
     parser.add_argument("--batch", type=int, default=256, help="images per batched request")
     parser.add_argument("--clients", type=int, default=4, help="concurrent batched clients")
@@ -435,6 +512,8 @@ def main() -> int:
     parser.add_argument("--server", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.server is None and args.floods and not shutil.which("wrk"):
+        parser.exit(2, "error: the floods use Debian's `wrk` load generator: apt-get install wrk (or --floods)\n")
 
     from digits_ray.registry import model_to_serve
 
@@ -459,8 +538,8 @@ def main() -> int:
         try:
             asyncio.run(wait_healthy(url, proc))
             results.append(measure(variant, url, pngs, args))
-            if variant == args.variants[-1] and variant != "plain":
-                flood = overload(url, pngs, args)
+            if variant == args.variants[-1] and variant != "plain" and args.floods:
+                flood = overload(url, pngs, proc.pid, VARIANTS[variant][2], args)
                 if args.accuracy_images:
                     n = min(args.accuracy_images, len(test))
                     accuracy = asyncio.run(test_set_through_http(url, test.images[:n], test.labels[:n], 256))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from digits_ray.errors import ConfigError, DigitsError
-from digits_ray.serve.haproxy import busy_response, rewritten
+from digits_ray.serve.haproxy import Rewrite, busy_response, rewritten
 from digits_ray.serve.holder import PROBE, Loaded, ModelHolder, load, probe_matches
 from digits_ray.serve.service import split_answers
 from digits_ray.serve.settings import ModelChoice, ServeSettings, settings_from_args
@@ -53,6 +53,7 @@ def test_builder_arguments_are_checked(digit_model, tmp_path, monkeypatch):
 
 HAPROXY_CONFIG = """global
     stats socket /tmp/x/admin.sock mode 666 level admin
+    maxconn 4096
 defaults
     mode http
     timeout connect 5s
@@ -63,6 +64,8 @@ frontend prometheus
 frontend http_frontend
     bind *:8000
     # a comment line
+    acl is_http-digits path_beg /
+    use_backend http-digits if is_http-digits
 backend http-digits
     server SERVE_REPLICA_digits-DigitsService-ab12 127.0.0.1:30000 check observe layer4
     server SERVE_PROXY_ACTOR-fallback-77 127.0.0.1:8500 check backup
@@ -73,17 +76,22 @@ listen stats
 
 
 def test_the_haproxy_wrapper_bounds_replicas_and_keeps_admin_ports_on_loopback():
-    fixed = rewritten(HAPROXY_CONFIG, "127.0.0.1", 32, 1.0, "/tmp/x/busy.http")
+    rewrite = Rewrite(maxconn=32, queue_per_replica=16, queue_timeout_s=1.0, busy_page="/tmp/x/busy.http",
+                      busy_body="/tmp/x/busy.json")
+    fixed = rewritten(HAPROXY_CONFIG, rewrite)
     assert "    bind 127.0.0.1:9101\n" in fixed and "  bind 127.0.0.1:8404\n" in fixed
     assert "    bind *:8000\n" in fixed  # the HTTP frontend keeps the host Serve was given
     assert "127.0.0.1:30000 check observe layer4 maxconn 32\n" in fixed
     assert "127.0.0.1:8500 check backup\n" in fixed  # the fallback proxy is not capped
     assert "    timeout connect 5s\n    timeout queue 1s\n" in fixed
     assert "    errorfile 503 /tmp/x/busy.http\n" in fixed and "500.http" not in fixed
-    assert rewritten(fixed, "127.0.0.1", 32, 1.0, "/tmp/x/busy.http") == fixed  # a second pass changes nothing
-    assert "maxconn 8\n" in rewritten(fixed, "127.0.0.1", 8, 1.0, "/tmp/x/busy.http")
+    assert "tune.pool-low-fd-ratio 80" in fixed  # idle connections to replicas are kept under many clients
+    refusal = next(line for line in fixed.splitlines() if "http-request return status 503" in line)
+    assert "file /tmp/x/busy.json hdr Retry-After 1 if is_http-digits { avg_queue(http-digits) ge 16 }" in refusal
+    assert fixed.index(refusal) < fixed.index("use_backend http-digits")  # refused before it is queued
+    assert rewritten(fixed, rewrite) == fixed  # a second pass changes nothing
     no_errorfile = HAPROXY_CONFIG.replace("    errorfile 503 /tmp/x/500.http\n", "")
-    assert "errorfile 503 /tmp/x/busy.http" in rewritten(no_errorfile, "127.0.0.1", 32, 1.0, "/tmp/x/busy.http")
+    assert "errorfile 503 /tmp/x/busy.http" in rewritten(no_errorfile, rewrite)
 
 
 def test_haproxys_own_503_is_the_services_json_with_retry_after():

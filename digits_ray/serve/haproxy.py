@@ -29,6 +29,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ADMIN_SECTIONS = (("listen", "stats"), ("frontend", "prometheus"))
@@ -37,15 +38,32 @@ MAXCONN_ENV = "DIGITS_SERVE_REPLICA_MAXCONN"  # requests HAProxy sends one repli
 QUEUE_TIMEOUT_ENV = "DIGITS_SERVE_QUEUE_TIMEOUT_S"  # how long a request may wait in HAProxy's queue
 BINARY_ENV = "DIGITS_HAPROXY_BINARY"  # the real HAProxy, when not the bundled one
 REPLICA_SERVER = "SERVE_REPLICA_"  # how Ray names replica servers (the fallback proxy is SERVE_PROXY_ACTOR-...)
-BUSY_FILE = "digits-busy.http"
+BUSY_PAGE, BUSY_BODY = "digits-busy.http", "digits-busy.json"
+OURS_MARK = "# digits-ray"  # marks the lines the wrapper adds (a second pass replaces them)
+QUEUE_LIMIT_ENV = "DIGITS_SERVE_QUEUE_PER_REPLICA"  # queued requests per replica before new ones are refused
 PR_SET_PDEATHSIG = 1
 
 
-def rewritten(config: str, host: str, maxconn: int, queue_timeout_s: float, busy_file: str) -> str:
-    """``config`` with the admin binds on ``host``, replica servers capped at ``maxconn`` with a queue of
-    ``queue_timeout_s``, and HAProxy's 503 answered from ``busy_file``. Applying it twice changes nothing."""
-    lines, section = [], None
-    errorfile = "" if "errorfile 503" in config else f"errorfile 503 {busy_file}"  # Ray sets one; else ours
+@dataclass(frozen=True)
+class Rewrite:
+    """What the wrapper puts into Ray's HAProxy config."""
+
+    admin_host: str = "127.0.0.1"
+    maxconn: int = 32  # requests sent to one replica at once
+    queue_per_replica: int = 32  # queued requests per replica beyond which a new one is refused at once
+    queue_timeout_s: float = 1.0  # the longest a queued request waits
+    busy_page: str = "busy.http"  # HAProxy's 503 (a whole HTTP response)
+    busy_body: str = "busy.json"  # the JSON body of the frontend's refusal
+    retry_after_s: int = 1
+
+
+def rewritten(config: str, r: Rewrite) -> str:
+    """``config`` with the admin binds on ``r.admin_host``, replica servers capped at ``r.maxconn``, a queue of
+    at most ``r.queue_timeout_s``, requests refused at once (503) while a backend's queue is over
+    ``r.queue_per_replica`` per replica, and HAProxy's own 503 answered from ``r.busy_page``. Applying it twice
+    changes nothing."""
+    lines, section, refused = [], None, set()
+    errorfile = "" if "errorfile 503" in config else f"errorfile 503 {r.busy_page}"  # Ray sets one; else ours
     for line in config.splitlines(keepends=True):
         words = line.split()
         indent = line[: len(line) - len(line.lstrip())]
@@ -53,50 +71,76 @@ def rewritten(config: str, host: str, maxconn: int, queue_timeout_s: float, busy
             section = tuple(words[:2])
         if section in ADMIN_SECTIONS and words[:1] == ["bind"] and len(words) >= 2:
             port = words[1].rsplit(":", 1)[-1]
-            line = f"{indent}bind {host}:{port}{''.join(' ' + w for w in words[2:])}\n"
-        elif words[:2] == ["timeout", "queue"]:
-            continue  # ours is set below, after `timeout connect`
+            line = f"{indent}bind {r.admin_host}:{port}{''.join(' ' + w for w in words[2:])}\n"
+        elif words[:2] == ["timeout", "queue"] or OURS_MARK in line:
+            continue  # ours are set below
+        elif section == ("global",) and words[:1] == ["maxconn"]:
+            # Keep idle connections to replicas however many clients are connected: by default HAProxy stops
+            # keeping them once a quarter of its file descriptors are in use, and each request to a replica
+            # then opens a new connection, which costs the replica's Python more than the request itself.
+            line += (f"{indent}tune.pool-low-fd-ratio 80  {OURS_MARK}\n"
+                     f"{indent}tune.pool-high-fd-ratio 95  {OURS_MARK}\n")
         elif section == ("defaults",) and words[:2] == ["timeout", "connect"]:
-            line += f"{indent}timeout queue {queue_timeout_s:g}s\n" + (f"{indent}{errorfile}\n" if errorfile else "")
+            line += f"{indent}timeout queue {r.queue_timeout_s:g}s\n" + (f"{indent}{errorfile}\n" if errorfile else "")
         elif words[:2] == ["errorfile", "503"]:
-            line = f"{indent}errorfile 503 {busy_file}\n"
+            line = f"{indent}errorfile 503 {r.busy_page}\n"
         elif words[:1] == ["server"] and len(words) > 1 and words[1].startswith(REPLICA_SERVER):
             if "maxconn" in words:
                 at = words.index("maxconn")
                 words = words[:at] + words[at + 2:]
-            line = f"{indent}{' '.join(words)} maxconn {maxconn}\n"
+            line = f"{indent}{' '.join(words)} maxconn {r.maxconn}\n"
+        elif words[:1] == ["use_backend"] and len(words) >= 4 and words[2] == "if" and words[1] not in refused:
+            refused.add(words[1])  # refuse before queueing: a full queue costs HAProxy, not the replicas
+            condition = " ".join(words[3:])
+            line = (f"{indent}http-request return status 503 content-type application/json file {r.busy_body} "
+                    f"hdr Retry-After {r.retry_after_s} if {condition} {{ avg_queue({words[1]}) ge "
+                    f"{r.queue_per_replica} }}  {OURS_MARK}\n") + line
         lines.append(line)
     return "".join(lines)
 
 
-def busy_response() -> str:
-    """HAProxy's 503, as the service answers a full replica: JSON ``{"error", "accepted"}`` and Retry-After."""
+def busy_body() -> str:
+    """The JSON of a refusal, in the service's error form."""
     import json
 
     from digits_ray.serve.inputs import ACCEPTED
     from digits_ray.serve.settings import Admission
 
-    retry = Admission().retry_after_s
-    body = json.dumps({"error": f"the service is busy or has no replica ready; retry after {retry} s",
-                       "accepted": ACCEPTED})
+    return json.dumps({"error": f"the service is busy or has no replica ready; retry after "
+                                f"{Admission().retry_after_s} s", "accepted": ACCEPTED})
+
+
+def busy_response() -> str:
+    """HAProxy's 503, as the service answers a full replica: JSON ``{"error", "accepted"}`` and Retry-After."""
+    from digits_ray.serve.settings import Admission
+
+    body = busy_body()
     return ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nCache-Control: no-cache\r\n"
-            f"Retry-After: {retry}\r\nContent-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}")
+            f"Retry-After: {Admission().retry_after_s}\r\nContent-Length: {len(body.encode())}\r\n\r\n{body}")
 
 
 def rewrite_in_place(path: Path) -> None:
-    """Under Ray's lock on the config (``<config>.lock``), write our 503 page and replace the file atomically."""
-    from digits_ray.serve.settings import HAPROXY_QUEUE_TIMEOUT_S, HAPROXY_REPLICA_MAXCONN
+    """Under Ray's lock on the config (``<config>.lock``), write our 503 pages and replace the file atomically."""
+    from digits_ray.serve.settings import (
+        HAPROXY_QUEUE_PER_REPLICA,
+        HAPROXY_QUEUE_TIMEOUT_S,
+        HAPROXY_REPLICA_MAXCONN,
+        Admission,
+    )
 
-    host = os.environ.get(ADMIN_HOST_ENV, "127.0.0.1")
-    maxconn = int(os.environ.get(MAXCONN_ENV, HAPROXY_REPLICA_MAXCONN))
-    queue_timeout_s = float(os.environ.get(QUEUE_TIMEOUT_ENV, HAPROXY_QUEUE_TIMEOUT_S))
-    busy = path.parent / BUSY_FILE
+    rewrite = Rewrite(admin_host=os.environ.get(ADMIN_HOST_ENV, "127.0.0.1"),
+                      maxconn=int(os.environ.get(MAXCONN_ENV, HAPROXY_REPLICA_MAXCONN)),
+                      queue_per_replica=int(os.environ.get(QUEUE_LIMIT_ENV, HAPROXY_QUEUE_PER_REPLICA)),
+                      queue_timeout_s=float(os.environ.get(QUEUE_TIMEOUT_ENV, HAPROXY_QUEUE_TIMEOUT_S)),
+                      busy_page=str(path.parent / BUSY_PAGE), busy_body=str(path.parent / BUSY_BODY),
+                      retry_after_s=Admission().retry_after_s)
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            _write_atomic(busy, busy_response())
+            _write_atomic(Path(rewrite.busy_page), busy_response())
+            _write_atomic(Path(rewrite.busy_body), busy_body())
             text = path.read_text()
-            fixed = rewritten(text, host, maxconn, queue_timeout_s, str(busy))
+            fixed = rewritten(text, rewrite)
             if fixed != text:
                 _write_atomic(path, fixed)
         finally:

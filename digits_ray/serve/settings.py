@@ -37,6 +37,7 @@ HAPROXY_WRAPPER = "digits-ray-haproxy"  # console script: see digits_ray/serve/h
 # its queue before it answers 503. A replica answers a few hundred single images per second, in batches of
 # up to 32, so 32 at once keeps its batches full and a second of queue is a few hundred requests per replica.
 HAPROXY_REPLICA_MAXCONN = 32
+HAPROXY_QUEUE_PER_REPLICA = 32  # beyond this many queued per replica, a new request is refused at once
 HAPROXY_QUEUE_TIMEOUT_S = 1.0
 
 
@@ -84,6 +85,7 @@ def ray_start_env(mode: str | None = None) -> dict[str, str]:
             # finishes those it holds; HAProxy drops it from its table within a reload, well under this.
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
             "DIGITS_SERVE_REPLICA_MAXCONN": str(HAPROXY_REPLICA_MAXCONN),
+            "DIGITS_SERVE_QUEUE_PER_REPLICA": str(HAPROXY_QUEUE_PER_REPLICA),
             "DIGITS_SERVE_QUEUE_TIMEOUT_S": f"{HAPROXY_QUEUE_TIMEOUT_S:g}",
         })
     return env
