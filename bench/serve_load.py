@@ -385,10 +385,12 @@ def overload(url: str, pngs: list[bytes], session: int, replicas: int, args: arg
 # --- report ---
 
 def previous_run() -> dict[str, Any] | None:
-    path = RESULTS / "serve_load.json"
-    if not path.is_file():
+    """The figures of the committed results (git HEAD), to quote beside the new ones."""
+    shown = subprocess.run(["git", "show", "HEAD:bench/results/serve_load.json"], cwd=ROOT, capture_output=True,
+                           text=True)
+    if shown.returncode != 0:
         return None
-    old = json.loads(path.read_text())
+    old = json.loads(shown.stdout)
     rows = []
     for r in old.get("results", []):
         name = r.get("server") or r.get("variant")
