@@ -25,8 +25,8 @@ import numpy as np
 from _common import RESULTS, ROOT, markdown_table, save, save_text
 
 from digits_ray import plots
-from digits_ray.config import TrainConfig
-from digits_ray.data.augment import KERNELS, AugmentConfig, augment, limit_kernel_threads
+from digits_ray.config import AugmentConfig, TrainConfig
+from digits_ray.data.augment import KERNELS, augment, limit_kernel_threads
 from digits_ray.data.mnist import load_split
 from digits_ray.data.pipeline import StreamConfig, training_stream
 from digits_ray.ray_backend import init_ray, quiet_data_progress

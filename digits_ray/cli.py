@@ -116,7 +116,7 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     import numpy as np
 
     from digits_ray import plots
-    from digits_ray.data.augment import AugmentConfig
+    from digits_ray.config import AugmentConfig
     from digits_ray.data.mnist import load_split
     from digits_ray.data.pipeline import EpochSampler
 

@@ -109,8 +109,9 @@ def test_int8_tflite_of_a_batch_norm_model_keeps_its_accuracy(digit_model, small
     """The int8 export of a cnn_bn model as Tune publishes one (BN layers, loaded back from its file),
     measured through the TFLite interpreter on the test split."""
     from digits_ray.data.mnist import load_split
-    from digits_ray.evaluate import classification_metrics, predict_proba
+    from digits_ray.evaluate import predict_proba
     from digits_ray.export import export_tflite
+    from digits_ray.models.metrics import classification_metrics
 
     model = artifact.load_model(digit_model)
     assert any(type(layer).__name__ == "BatchNormalization" for layer in model.layers)

@@ -22,7 +22,8 @@ from digits_ray.data.mnist import MnistSplit, load_split
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import DigitsError
-from digits_ray.evaluate import abstain_rule, classification_metrics, predict_proba, test_figures
+from digits_ray.evaluate import abstain_rule, predict_proba, test_figures
+from digits_ray.models.metrics import classification_metrics
 from digits_ray.train import distributed
 from digits_ray.train.result import FitResult
 from digits_ray.tune import report, space, trial
