@@ -22,16 +22,16 @@ import time
 import numpy as np
 from _common import RESULTS, ROOT, markdown_table, save, save_text
 
-from digits_ray import checkpoint as ckpt
 from digits_ray import plots
 from digits_ray.cli import parse_param
 from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import load_split
+from digits_ray.data.ray_backend import init_ray, quiet_data_progress
 from digits_ray.data.split import TrainValData, load_train_val
-from digits_ray.evaluate import test_metrics
+from digits_ray.inference.evaluate import test_metrics
 from digits_ray.keras_api import keras
 from digits_ray.models.zoo import model_params
-from digits_ray.ray_backend import init_ray, quiet_data_progress
+from digits_ray.train import checkpoint as ckpt
 from digits_ray.train import distributed
 from digits_ray.train.local import fit
 

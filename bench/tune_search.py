@@ -34,7 +34,7 @@ def main() -> None:
     total = time.perf_counter() - start
     if code:
         sys.exit(code)
-    from digits_ray.registry import read_index
+    from digits_ray.models.registry import read_index
 
     index = read_index(registry)
     entry_name = max((n for n in index["entries"] if n.endswith(name)), default=None)

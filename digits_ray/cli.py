@@ -79,10 +79,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from digits_ray import tracking
-    from digits_ray.artifact import check_writable
     from digits_ray.data.split import load_train_val
-    from digits_ray.evaluate import keep
+    from digits_ray.inference.evaluate import keep
+    from digits_ray.models.artifact import check_writable
+    from digits_ray.train import tracking
     from digits_ray.train.distributed import DEFAULT_STORAGE
     from digits_ray.train.local import fit
 
@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from digits_ray.evaluate import evaluate_artifact
+    from digits_ray.inference.evaluate import evaluate_artifact
 
     report = evaluate_artifact(args.artifact, args.data_dir, args.report_dir)
     test = report["test"]
@@ -138,8 +138,8 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from digits_ray import batch_predict
-    from digits_ray.registry import model_to_serve
+    from digits_ray.inference import batch
+    from digits_ray.models.registry import model_to_serve
 
     if bool(args.images) == bool(args.dir):
         raise ConfigError("give image files or --dir FOLDER (one of the two)")
@@ -151,22 +151,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.dir:
         if not args.dir.is_dir():
             raise ConfigError(f"--dir {args.dir} is not a folder")
-        if not batch_predict.has_images(args.dir):
+        if not batch.has_images(args.dir):
             raise ConfigError(f"--dir {args.dir} holds no image files (extensions read: "
-                              f"{', '.join(batch_predict.IMAGE_EXTENSIONS)})")
-        from digits_ray.ray_backend import init_ray
+                              f"{', '.join(batch.IMAGE_EXTENSIONS)})")
+        from digits_ray.data.ray_backend import init_ray
 
         init_ray(args.num_cpus, args.address)
-        rows = batch_predict.predict_folder(model_dir, args.dir.resolve(), args.max_actors)
+        rows = batch.predict_folder(model_dir, args.dir.resolve(), args.max_actors)
     else:
-        rows = batch_predict.predict_paths(model_dir, args.images)
-    count = batch_predict.write_rows(args.out, rows, batch_predict.columns(model_dir))
+        rows = batch.predict_paths(model_dir, args.images)
+    count = batch.write_rows(args.out, rows, batch.columns(model_dir))
     print(f"{count} predictions by {model_dir} written to {args.out}")
     return 0
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from digits_ray import registry
+    from digits_ray.models import registry
 
     if args.action == "list":
         rows = registry.entries_table(args.registry)
@@ -210,7 +210,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from digits_ray import tracking
+    from digits_ray.train import tracking
 
     parser = argparse.ArgumentParser(prog="python -m digits_ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

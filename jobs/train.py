@@ -16,14 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working dir
 
-from digits_ray import tracking  # noqa: E402
-from digits_ray.artifact import check_writable  # noqa: E402
 from digits_ray.cli import add_train_options, train_config  # noqa: E402
 from digits_ray.data.pipeline import StreamConfig  # noqa: E402
+from digits_ray.data.ray_backend import init_ray, quiet_data_progress  # noqa: E402
 from digits_ray.data.split import load_train_val  # noqa: E402
 from digits_ray.errors import DigitsError  # noqa: E402
-from digits_ray.evaluate import keep  # noqa: E402
-from digits_ray.ray_backend import init_ray, quiet_data_progress  # noqa: E402
+from digits_ray.inference.evaluate import keep  # noqa: E402
+from digits_ray.models.artifact import check_writable  # noqa: E402
+from digits_ray.train import tracking  # noqa: E402
 from digits_ray.train.distributed import DEFAULT_STORAGE, ScaleConfig, fit, per_worker_batch  # noqa: E402
 
 SCALE = ScaleConfig()

@@ -21,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout or a Ray working dir
 
-from digits_ray import tracking  # noqa: E402
 from digits_ray.config import MIXED_PRECISION_MODES, TrainConfig  # noqa: E402
+from digits_ray.data.ray_backend import init_ray, quiet_data_progress  # noqa: E402
 from digits_ray.data.split import load_train_val  # noqa: E402
 from digits_ray.errors import ConfigError, DigitsError  # noqa: E402
+from digits_ray.models.registry import read_index  # noqa: E402
 from digits_ray.models.zoo import MODELS  # noqa: E402
-from digits_ray.ray_backend import init_ray, quiet_data_progress  # noqa: E402
-from digits_ray.registry import read_index  # noqa: E402
+from digits_ray.train import tracking  # noqa: E402
 from digits_ray.train.distributed import DEFAULT_STORAGE  # noqa: E402
 from digits_ray.tune.publish import PublishConfig, publish_search  # noqa: E402
 from digits_ray.tune.search import (  # noqa: E402

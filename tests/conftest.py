@@ -140,7 +140,7 @@ def _ray_context(_own_ray_token):
     """
     import ray
 
-    from digits_ray.ray_backend import runtime_env
+    from digits_ray.data.ray_backend import runtime_env
     from digits_ray.serve.settings import ray_start_env
     from tests.processes import free_ports
 
@@ -199,7 +199,7 @@ def digit_model(tmp_path_factory) -> Path:
     read digits drawn in a browser."""
     from digits_ray.config import TrainConfig
     from digits_ray.data.split import load_train_val
-    from digits_ray.evaluate import keep
+    from digits_ray.inference.evaluate import keep
     from digits_ray.train.local import fit
 
     cfg = TrainConfig(model="cnn_bn", epochs=4, batch_size=64, learning_rate=3e-3,
@@ -234,7 +234,7 @@ def ray_train_run(ray_local, small_mnist, tmp_path_factory):
     """(metadata, artifact folder, Ray Train run folder) of a 2-worker run on the session's Ray."""
     from digits_ray.config import TrainConfig
     from digits_ray.data.pipeline import StreamConfig
-    from digits_ray.evaluate import keep
+    from digits_ray.inference.evaluate import keep
     from digits_ray.train import distributed
 
     cfg = TrainConfig(model="cnn_bn", epochs=RAY_TRAIN_EPOCHS, batch_size=RAY_TRAIN_BATCH, augment={})

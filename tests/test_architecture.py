@@ -55,7 +55,7 @@ def test_no_import_cycles():
 
 
 @pytest.mark.parametrize("module", ["digits_ray.schema", "digits_ray.errors", "digits_ray.models.zoo",
-                                    "digits_ray.train.feed", "digits_ray.checkpoint", "digits_ray.config"])
+                                    "digits_ray.train.feed", "digits_ray.train.checkpoint", "digits_ray.config"])
 def test_lower_layers_do_not_import_the_data_loader(module):
     assert "digits_ray.data.mnist" not in reachable(import_graph(), module)
 

@@ -146,9 +146,9 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(cluster_hea
     """The README's main job, as a user runs it: `ray job submit --working-dir . -- python jobs/tune.py`
     to the head of start-local.sh, with the winner retrained longer by Ray Train before it is published,
     tracked in MLflow (the `track` extra) in a SQLite store beside the search's storage."""
-    from digits_ray import artifact
     from digits_ray.data.mnist import load_split
-    from digits_ray.registry import best_entry
+    from digits_ray.models import artifact
+    from digits_ray.models.registry import best_entry
 
     registry, runs = tmp_path / "models", tmp_path / "runs"
     job = cluster_head.submit(
@@ -197,8 +197,9 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(cluster_hea
 def check_mlflow(uri: str, registry: Path, entry: Path) -> None:
     """One MLflow run per trial (its config, every epoch) and one for the winner (its entry), whose id the
     registry records."""
-    from digits_ray import artifact, tracking
-    from digits_ray.registry import read_index
+    from digits_ray.models import artifact
+    from digits_ray.models.registry import read_index
+    from digits_ray.train import tracking
 
     index_entry = read_index(registry)["entries"][entry.name]
     if not tracking.installed():
@@ -259,7 +260,7 @@ def test_a_two_node_run_recovers_when_its_second_node_dies(ray_train_run, tmp_pa
     every process of node-b gets SIGKILL, a replacement node-c joins, the hold ends, and the run resumes
     from that checkpoint under FailureConfig, finishes every epoch once, and ends where its undisturbed
     twin (the same config on the session's Ray) ends."""
-    from digits_ray import artifact
+    from digits_ray.models import artifact
 
     runs, out, name, gate = tmp_path / "runs", tmp_path / "model", "two-nodes", tmp_path / "gate"
     twin_meta, twin_out, _ = ray_train_run

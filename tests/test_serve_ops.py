@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from digits_ray import registry
 from digits_ray.data.mnist import load_split
-from digits_ray.images import png_bytes
-from digits_ray.predict import Predictor
+from digits_ray.inference.images import png_bytes
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import registry
 from tests.clusters import wait_for
 from tests.processes import free_ports
 

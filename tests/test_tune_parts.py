@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digits_ray import artifact
 from digits_ray.config import TrainConfig
+from digits_ray.models import artifact
 from digits_ray.models.zoo import build_model
 from digits_ray.tune import space
 from tests.conftest import load_job, run_job_without_ray
@@ -65,7 +65,7 @@ def two_models(digit_model, cli_model, small_mnist):
 
 
 def test_an_ensemble_saves_and_loads_like_any_model(two_models, tmp_path):
-    from digits_ray.ensemble import build_ensemble
+    from digits_ray.models.ensemble import build_ensemble
 
     members, test = two_models
     expected = np.mean([m.predict(test.images[:64], verbose=0) for m in members], axis=0)
@@ -109,8 +109,8 @@ def test_int8_tflite_of_a_batch_norm_model_keeps_its_accuracy(digit_model, small
     """The int8 export of a cnn_bn model as Tune publishes one (BN layers, loaded back from its file),
     measured through the TFLite interpreter on the test split."""
     from digits_ray.data.mnist import load_split
-    from digits_ray.evaluate import predict_proba
-    from digits_ray.export import export_tflite
+    from digits_ray.inference.evaluate import predict_proba
+    from digits_ray.models.export import export_tflite
     from digits_ray.models.metrics import classification_metrics
 
     model = artifact.load_model(digit_model)
@@ -167,7 +167,7 @@ def test_durations():
 
 def test_each_epoch_is_published_with_a_checkpoint_and_the_best_so_far():
     """What Optuna learns from (``best_val_accuracy``); the history itself stays per epoch."""
-    from digits_ray import checkpoint as ckpt
+    from digits_ray.train import checkpoint as ckpt
     from digits_ray.train.reporting import ReportEachEpoch
 
     published = []

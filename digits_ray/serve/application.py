@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ray import serve
 
-        from digits_ray.ray_backend import init_ray
+        from digits_ray.data.ray_backend import init_ray
         from digits_ray.serve.settings import APP_NAME, http_options, ingress_mode
 
         options = http_options(args.host, args.port)

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
 from digits_ray.data.pipeline import StreamConfig, training_stream
 from digits_ray.data.split import TrainValData, load_train_val
 from digits_ray.errors import ConfigError
 from digits_ray.keras_api import keras
 from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
+from digits_ray.train import checkpoint as ckpt
 from digits_ray.train import hold, recipe
 from digits_ray.train.reporting import ReportEachEpoch
 from digits_ray.train.result import FitResult

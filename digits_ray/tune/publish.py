@@ -15,16 +15,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from digits_ray import artifact, plots, registry, tracking
-from digits_ray import checkpoint as ckpt
+from digits_ray import plots
 from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import MnistSplit, load_split
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import DigitsError
-from digits_ray.evaluate import abstain_rule, predict_proba, test_figures
+from digits_ray.inference.evaluate import abstain_rule, predict_proba, test_figures
+from digits_ray.models import artifact, registry
 from digits_ray.models.metrics import classification_metrics
-from digits_ray.train import distributed
+from digits_ray.train import checkpoint as ckpt
+from digits_ray.train import distributed, tracking
 from digits_ray.train.result import FitResult
 from digits_ray.tune import report, space, trial
 from digits_ray.tune.search import METRIC, SearchConfig, trial_history, trials_table
@@ -100,7 +101,7 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
     How many of the top ``top_k`` to average (2 .. top_k) is chosen on the validation split: a weak
     third trial would otherwise pull the average down.
     """
-    from digits_ray.ensemble import build_ensemble
+    from digits_ray.models.ensemble import build_ensemble
 
     rows = table[table["error"] == ""].head(top_k)
     if len(rows) < 2:
@@ -138,7 +139,7 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
                    track: tracking.Tracking | None = None) -> Path:
     """Everything after the search, as one registry entry; returns its folder. ``track``: the winner becomes
     an MLflow run (parameters, history, figures, the whole entry folder), whose id the entry records."""
-    from digits_ray.export import export_tflite
+    from digits_ray.models.export import export_tflite
 
     table = trials_table(results)
     if table.empty:

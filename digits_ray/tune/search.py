@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from digits_ray import tracking
 from digits_ray.config import TrainConfig
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import ConfigError, DigitsError
+from digits_ray.train import tracking
 from digits_ray.train.distributed import DEFAULT_STORAGE, ScaleConfig
 from digits_ray.train.reporting import BEST_METRIC
 from digits_ray.tune import space, trial
@@ -93,7 +93,7 @@ SETTINGS_FILE = "digits_search.json"  # beside Tune's files: what a resumed sear
 
 
 def save_settings(search: SearchConfig, data_dir: Path | None) -> None:
-    from digits_ray.artifact import write_json_atomic
+    from digits_ray.models.artifact import write_json_atomic
 
     search.experiment_path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(search.experiment_path / SETTINGS_FILE,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
 from digits_ray.data.split import TrainValData
+from digits_ray.train import checkpoint as ckpt
 from digits_ray.tune import space
 
 

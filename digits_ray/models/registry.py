@@ -34,8 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from digits_ray import artifact
 from digits_ray.errors import DigitsError
+from digits_ray.models import artifact
 
 REGISTRY_ENV = "DIGITS_REGISTRY"
 MODEL_ENV = "DIGITS_MODEL"  # a model folder that batch prediction and Serve read instead of the registry's choice

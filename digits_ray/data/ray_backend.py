@@ -3,6 +3,9 @@
 The same job script then works under ``ray job submit`` (RAY_ADDRESS is set), beside a
 ``ray start --head`` on this machine, and standalone on a laptop; every Ray process it starts gets
 the same environment (``runtime_env``) either way.
+
+It sits in the data layer because that environment forwards this process's data locations
+(``locations``); every layer above may connect to Ray through it.
 """
 
 from __future__ import annotations

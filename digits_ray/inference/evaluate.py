@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray import artifact, plots
+from digits_ray import plots
 from digits_ray.data.mnist import MnistSplit, load_split
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import artifact
 from digits_ray.models.metrics import classification_metrics
-from digits_ray.predict import Predictor
 
 
 def predict_proba(model, images: np.ndarray) -> np.ndarray:
