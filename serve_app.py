@@ -7,20 +7,22 @@
 
 Two replicas by default, each both the HTTP ingress and the batching model holder, behind HAProxy.
 $DIGITS_SERVE_TOKEN, when set where the app is built, makes /predict require "Authorization: Bearer <token>".
+
+A thin file for the commands above: ``app``, ``builder`` and ``main`` live in ``digits_ray/serve/app.py``.
 """
 
 import sys
 from typing import Any
 
-from digits_ray.serve import application as _application
-from digits_ray.serve.application import builder, main
+from digits_ray.serve import app as _entry
+from digits_ray.serve.app import builder, main
 
 __all__ = ["builder", "main"]  # and `app`, built on first access
 
 
 def __getattr__(name: str) -> Any:
-    if name == "app":  # built on first access: see digits_ray/serve/application.py
-        return _application.app
+    if name == "app":  # built on first access: see digits_ray/serve/app.py
+        return _entry.app
     raise AttributeError(name)
 
 

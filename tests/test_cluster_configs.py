@@ -470,7 +470,7 @@ def test_rayservice_serves_serve_app_with_serves_own_config_schema():
     config = serve_config(service)
     assert serve_config_problems(config) == []
     (app,) = config["applications"]
-    assert (app["name"], app["import_path"], app["route_prefix"]) == ("digits", "digits_ray.serve.application:app", "/")
+    assert (app["name"], app["import_path"], app["route_prefix"]) == ("digits", "digits_ray.serve.app:app", "/")
     assert import_path_problems(app["import_path"]) == []
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}, "KubeRay's Service reaches every proxy"
     (head,) = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]

@@ -223,7 +223,7 @@ def swap_config(ops: dict, user_config: dict, model: Path) -> dict:
     """A Serve config (what `serve deploy` sends) with one app, "swap", at /swap."""
     return {"http_options": {"host": "127.0.0.1", "port": ops.port},
             "applications": [{"name": "swap", "route_prefix": "/swap",
-                              "import_path": "digits_ray.serve.application:builder",
+                              "import_path": "digits_ray.serve.app:builder",
                               "args": {"model": str(model), "replicas": "1"},
                               "deployments": [{"name": "DigitsService", "user_config": user_config}]}]}
 

@@ -1,9 +1,10 @@
-"""The Serve application as an import path: ``app`` (built on first access), ``builder`` and a standalone ``main``.
+"""The Serve application's one entry: ``app`` (built on first access), ``builder`` and a standalone ``main``.
 
-``serve_app.py`` at the repository root re-exports these for ``serve run serve_app:app``; Serve configs name
-``digits_ray.serve.application:app`` (or ``:builder`` with ``args``), which imports wherever the package is
-installed (``serve deploy`` cannot upload a local working directory). $DIGITS_SERVE_TOKEN, when set where
-the app is built, makes /predict require "Authorization: Bearer <token>".
+Serve configs name ``digits_ray.serve.app:app`` (or ``:builder`` with ``args``), which imports wherever the
+package is installed (``serve deploy`` cannot upload a local working directory). ``serve_app.py`` at the
+repository root is the thin file that ``serve run serve_app:app`` and ``python serve_app.py`` name: it only
+re-exports these. $DIGITS_SERVE_TOKEN, when set where the app is built, makes /predict require
+"Authorization: Bearer <token>".
 """
 
 from __future__ import annotations
