@@ -29,6 +29,7 @@ from digits_ray.keras_api import keras
 from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
 from digits_ray.train import checkpoint as ckpt
 from digits_ray.train import hold, recipe
+from digits_ray.train.finished import best_checkpoint
 from digits_ray.train.reporting import ReportEachEpoch
 from digits_ray.train.result import FitResult
 
@@ -237,15 +238,6 @@ def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData, call
         ),
         datasets={"train": stream},
     )
-
-
-def best_checkpoint(kept: list[tuple[Any, dict[str, Any]]], run_path: str) -> Any:
-    """Of a run's kept (checkpoint, metrics), the best epoch's by ``recipe.best_epoch`` (highest
-    val_accuracy, earliest on ties)."""
-    kept = sorted(kept, key=lambda cm: cm[1]["epoch"])
-    if not kept:
-        raise RuntimeError(f"the run at {run_path} kept no checkpoint; see its logs")
-    return kept[recipe.best_epoch([metrics for _, metrics in kept])][0]
 
 
 def fit(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData | None = None,

@@ -22,6 +22,7 @@ from digits_ray.data.split import TrainValData
 from digits_ray.errors import ConfigError, DigitsError
 from digits_ray.train import tracking
 from digits_ray.train.distributed import DEFAULT_STORAGE, ScaleConfig
+from digits_ray.train.finished import reported_epochs
 from digits_ray.train.reporting import BEST_METRIC
 from digits_ray.tune import space, trial
 
@@ -232,21 +233,13 @@ def run(search: SearchConfig, data: TrainValData, resume: bool = False, data_dir
     return make_tuner(search, data, resume, data_dir, track).fit()
 
 
-def trial_history(result: Any) -> Any:
-    """A trial's reported epochs, once each: a trial restarted from an older checkpoint reports some again."""
-    history = result.metrics_dataframe
-    if history is None or history.empty or "epoch" not in history:
-        return None
-    return history.sort_values("epoch").drop_duplicates("epoch", keep="last").reset_index(drop=True)
-
-
 def trials_table(results: Any) -> Any:
     """One row per trial: its sampled config, best epoch's validation figures, epochs run, status."""
     import pandas as pd
 
     rows = []
     for result in results:
-        history = trial_history(result)
+        history = reported_epochs(result)
         if history is None or METRIC not in history:
             continue
         best = history.loc[history[METRIC].idxmax()]
