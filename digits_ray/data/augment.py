@@ -162,7 +162,7 @@ def limit_kernel_threads(threads: int) -> None:
 
     A Ray Data actor holding a fraction of a CPU must not spread over every core of the node.
     """
-    import tensorflow as tf
+    from digits_ray.keras_api import tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -176,7 +176,7 @@ def _warp_tf(images: np.ndarray, a: np.ndarray, b: np.ndarray, tx: np.ndarray, t
     pixels as ``fill_value`` (our zero border) and its cast to uint8 truncates: lifting every input
     and the fill by 0.5 turns that truncation into rounding, like the numpy sampler's.
     """
-    import tensorflow as tf
+    from digits_ray.keras_api import tf
 
     c = np.float32(_CENTER)
     transforms = np.stack(

@@ -26,6 +26,7 @@ from digits_ray.data.pipeline import StreamConfig, training_stream
 from digits_ray.data.split import TrainValData, load_train_val
 from digits_ray.errors import ConfigError
 from digits_ray.keras_api import keras
+from digits_ray.paths import DEFAULT_STORAGE
 from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
 from digits_ray.train import checkpoint as ckpt
 from digits_ray.train import hold, recipe
@@ -33,7 +34,6 @@ from digits_ray.train.finished import best_checkpoint
 from digits_ray.train.reporting import ReportEachEpoch
 from digits_ray.train.result import FitResult
 
-DEFAULT_STORAGE = Path.home() / "ray_results" / "digits-ray"
 FEED_CHUNK_BATCHES = 16  # training batches per Ray Data batch handed to a worker
 
 
