@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from digits_ray.cli import main
-from tests.conftest import run_job_without_ray
+from tests.conftest import run_without_ray
 
 
 def run_job(argv):
-    return run_job_without_ray("train", argv)
+    return run_without_ray(["train", "--ray", *argv])
 
 
 @pytest.mark.parametrize("argv, message", [

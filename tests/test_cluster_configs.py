@@ -31,8 +31,6 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.conftest import load_job
-
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_CONFIGS = ("aws", "gcp")
 KUBERAY_DIR = ROOT / "cluster" / "kuberay"
@@ -162,7 +160,11 @@ def serve_config(service: dict[str, Any]) -> dict[str, Any]:
 
 @functools.cache
 def job_module(name: str):
-    return load_job(name)  # imports TensorFlow once (jobs/train.py); the parsers need nothing more
+    """A job script (jobs/NAME.py) as a module, without running it: its COMMAND, the digits-ray subcommand."""
+    spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "jobs" / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
 
 
 def entrypoint_problems(entrypoint: str) -> list[str]:
@@ -172,11 +174,13 @@ def entrypoint_problems(entrypoint: str) -> list[str]:
         return [f"{entrypoint!r}: expected `python jobs/NAME.py ...`"]
     if not (ROOT / argv[1]).is_file():
         return [f"{argv[1]} does not exist"]
+    from digits_ray.cli import build_parser
+
     job = job_module(Path(argv[1]).stem)
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            job.parse_args(argv[2:])
+            build_parser().parse_args([*job.COMMAND, *argv[2:]])
     except SystemExit:
         return [f"{argv[1]} refuses {argv[2:]}: {stderr.getvalue().strip().splitlines()[-1]}"]
     return []

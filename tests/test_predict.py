@@ -130,10 +130,8 @@ def test_predict_refuses_bad_options_in_one_line(digit_model, tmp_path, capsys, 
 
 
 def test_serve_app_refuses_zero_replicas(capsys):
-    from digits_ray.serve.app import main
-
     with pytest.raises(SystemExit) as stop:
-        main(["--replicas", "0", "--model", "/nonexistent"])
+        cli(["serve", "--replicas", "0", "--model", "/nonexistent"])
     assert stop.value.code == 2 and "replicas must be a positive integer" in capsys.readouterr().err
 
 

@@ -52,7 +52,8 @@ def test_ray_train_trials_stopped_by_asha_give_their_resources_back(ray_local, s
     from ray.util import placement_group_table
 
     from digits_ray.data.split import load_train_val
-    from digits_ray.tune.search import SearchConfig, run, trials_table
+    from digits_ray.tune.config import SearchConfig
+    from digits_ray.tune.search import run, trials_table
     from digits_ray.tune.space import SpaceConfig
 
     groups_before = set(placement_group_table())

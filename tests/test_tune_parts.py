@@ -10,7 +10,7 @@ from digits_ray.config import TrainConfig
 from digits_ray.models import artifact
 from digits_ray.models.zoo import build_model
 from digits_ray.tune import space
-from tests.conftest import load_job, run_job_without_ray
+from tests.conftest import run_without_ray
 
 
 def test_the_space_samples_valid_configs_with_conditional_hyperparameters():
@@ -128,11 +128,11 @@ def test_int8_tflite_of_a_batch_norm_model_keeps_its_accuracy(digit_model, small
 INT8_DROP_POINTS = 0.5
 
 
-# --- jobs/tune.py refuses bad input before Ray starts -------------------------------------------
+# --- digits-ray tune (jobs/tune.py) refuses bad input before Ray starts -------------------------------------------
 
 
 def run_job(argv):
-    return run_job_without_ray("tune", argv)
+    return run_without_ray(["tune", *argv])
 
 
 def test_tune_job_rejects_bad_options_and_unresumable_folders(tmp_path, capsys):
@@ -159,10 +159,11 @@ def test_tune_job_rejects_bad_options_and_unresumable_folders(tmp_path, capsys):
 
 
 def test_durations():
-    job = load_job("tune")
-    assert [job.parse_duration(t) for t in ("90s", "60m", "1.5h", "120")] == [90, 3600, 5400, 120]
+    from digits_ray.cli.tune import parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "60m", "1.5h", "120")] == [90, 3600, 5400, 120]
     with pytest.raises(Exception, match="duration"):
-        job.parse_duration("an hour")
+        parse_duration("an hour")
 
 
 def test_each_epoch_is_published_with_a_checkpoint_and_the_best_so_far():

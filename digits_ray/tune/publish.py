@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,8 @@ from digits_ray.models.metrics import classification_metrics
 from digits_ray.train import distributed, finished, tracking
 from digits_ray.train.result import FitResult
 from digits_ray.tune import report, space
-from digits_ray.tune.search import METRIC, SearchConfig, trials_table
-
-
-@dataclass(frozen=True)
-class PublishConfig:
-    registry: str | None = None  # None: $DIGITS_REGISTRY, else models/
-    top_k: int = 3  # ensemble members (1 or fewer trials: no ensemble)
-    final_epochs: int = 0  # 0: keep the winning trial's best checkpoint; E: retrain it E epochs with Ray Train
-    final_workers: int = 1
-    final_use_gpu: bool = False
-    final_cpus_per_worker: float | None = None  # None: an equal share of the cluster's CPUs, at most 1
+from digits_ray.tune.config import PublishConfig, SearchConfig
+from digits_ray.tune.search import METRIC, trials_table
 
 
 def _by_path(results: Any) -> dict[str, Any]:
