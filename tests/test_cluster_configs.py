@@ -429,12 +429,15 @@ def test_rayjobs_run_the_job_scripts_on_the_raycluster():
         assert entrypoint_problems(job["spec"]["entrypoint"]) == [], name
     train, tune = (shlex.split(jobs[name]["spec"]["entrypoint"]) for name in ("digits-train", "digits-tune"))
     assert train[1] == "jobs/train.py" and tune[1] == "jobs/tune.py"
-    train_args, tune_args = job_module("train").parse_args(train[2:]), job_module("tune").parse_args(tune[2:])
+    from digits_ray.cli import build_parser
+
+    train_args, tune_args = (build_parser().parse_args([*job_module(n).COMMAND, *argv[2:]])
+                             for n, argv in (("train", train), ("tune", tune)))
     assert train_args.use_gpu and train_args.workers >= 2
     assert tune_args.gpus_per_trial == 0, "trials run on the cpu group"
     # Whatever a job writes must outlive the pod and be readable from the others.
-    for path in (train_args.storage_path, str(train_args.out), tune_args.storage_path, tune_args.registry):
-        assert path.startswith(f"{SHARED}/"), path
+    for path in (train_args.storage_path, train_args.out, tune_args.storage_path, tune_args.registry):
+        assert str(path).startswith(f"{SHARED}/"), path
 
 
 @pytest.mark.parametrize("entrypoint", [
