@@ -191,10 +191,12 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(cluster_hea
             "best_per_architecture.png", "trial_curves.png", "winner_history.png", "winner_confusion_matrix.png",
             "search.json"} <= report
     assert len((entry / "search" / "trials.csv").read_text().splitlines()) == 1 + 3
-    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", registry, entry)
+    (search,) = runs.glob("tune-*")  # a new search gets a new name: tune-YYYYmmdd-HHMMSS
+    assert entry.name.endswith(search.name)
+    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", registry, entry, search.name)
 
 
-def check_mlflow(uri: str, registry: Path, entry: Path) -> None:
+def check_mlflow(uri: str, registry: Path, entry: Path, search: str) -> None:
     """One MLflow run per trial (its config, every epoch) and one for the winner (its entry), whose id the
     registry records."""
     from digits_ray.models import artifact
@@ -207,7 +209,7 @@ def check_mlflow(uri: str, registry: Path, entry: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_PREFIX + "tune")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_PREFIX + search)
     found = client.search_runs([experiment.experiment_id])
     by_role = {role: [r for r in found if r.data.tags.get(tracking.ROLE_TAG) == role] for role in ("trial", "winner")}
     assert len(found) == 4 and len(by_role["trial"]) == 3 and len(by_role["winner"]) == 1
