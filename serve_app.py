@@ -30,4 +30,4 @@ def __getattr__(name: str) -> Any:
 if __name__ == "__main__":
     from digits_ray.cli import main
 
-    sys.exit(main(["serve", *sys.argv[1:]], prog="serve_app.py"))
+    sys.exit(main(["serve", *sys.argv[1:]], prog="python serve_app.py", command="serve"))

@@ -14,4 +14,4 @@ from digits_ray.cli import main
 COMMAND = ["train", "--ray"]  # digits-ray train --ray
 
 if __name__ == "__main__":
-    sys.exit(main([*COMMAND, *sys.argv[1:]], prog="jobs/train.py"))
+    sys.exit(main([*COMMAND, *sys.argv[1:]], prog="python jobs/train.py", command=COMMAND[0]))

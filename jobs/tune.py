@@ -14,4 +14,4 @@ from digits_ray.cli import main
 COMMAND = ["tune"]  # digits-ray tune
 
 if __name__ == "__main__":
-    sys.exit(main([*COMMAND, *sys.argv[1:]], prog="jobs/tune.py"))
+    sys.exit(main([*COMMAND, *sys.argv[1:]], prog="python jobs/tune.py", command=COMMAND[0]))

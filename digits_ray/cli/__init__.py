@@ -30,8 +30,12 @@ def build_parser(prog: str = "digits-ray") -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "digits-ray") -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "digits-ray", command: str | None = None) -> int:
+    """``command``: a job file's subcommand (``tune`` for jobs/tune.py), whose help then reads ``prog ...``."""
     parser = build_parser(prog)
+    if command:
+        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subcommands.choices[command].prog = prog
     args = parser.parse_args(argv)
     try:
         return args.run(args)
