@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from digits_ray import registry
 from digits_ray.data.mnist import load_split
-from digits_ray.images import png_bytes
-from digits_ray.predict import Predictor
+from digits_ray.inference.images import png_bytes
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import registry
 from tests.clusters import wait_for
 from tests.processes import free_ports
 
@@ -239,7 +239,7 @@ def swap_config(ops: dict, user_config: dict, model: Path) -> dict:
     """A Serve config (what `serve deploy` sends) with one app, "swap", at /swap."""
     return {"http_options": {"host": "127.0.0.1", "port": ops.port},
             "applications": [{"name": "swap", "route_prefix": "/swap",
-                              "import_path": "digits_ray.serve.application:builder",
+                              "import_path": "digits_ray.serve.app:builder",
                               "args": {"model": str(model), "replicas": "1"},
                               "deployments": [{"name": "DigitsService", "user_config": user_config}]}]}
 
