@@ -22,8 +22,8 @@ from digits_ray.errors import DigitsError
 def build_parser(prog: str = "digits-ray") -> argparse.ArgumentParser:
     from digits_ray.cli import predict, preview, registry, serve, train, tune
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                     epilog="`digits-ray COMMAND --help` tells each command's options")
+    parser = argparse.ArgumentParser(prog=prog, description="Handwritten digits with Ray: train, search, serve.",
+                                     epilog=f"`{prog} COMMAND --help` tells each command's options")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (train, tune, serve, predict, registry, preview):
         module.add_commands(sub)
