@@ -13,7 +13,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from digits_ray.artifact import library_versions, write_json_atomic  # noqa: E402
+from digits_ray.models.artifact import library_versions, write_json_atomic  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

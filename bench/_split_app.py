@@ -14,7 +14,7 @@ def split_app(model: str) -> Any:
     """The layout before: an ingress deployment that parses and calls a batching model deployment."""
     from ray import serve
 
-    from digits_ray.predict import Predictor
+    from digits_ray.inference.predictor import Predictor
     from digits_ray.serve.inputs import RequestError, parse
     from digits_ray.serve.service import split_answers
     from digits_ray.serve.settings import ServeSettings

@@ -3,12 +3,12 @@
     python -m digits_ray train --model cnn_bn --epochs 2 --data-dir DATA --out artifacts/bench/abstain_cnn_bn
     python bench/abstain.py --model artifacts/bench/abstain_cnn_bn --data-dir DATA
 
-For each not-a-digit score of ``digits_ray.abstain`` (each with the ink floor), a rule is fitted on the
+For each not-a-digit score of ``digits_ray.models.abstain`` (each with the ink floor), a rule is fitted on the
 model's validation split (the split its training used, from its metadata) exactly as training fits the
 stored one, then measured on:
 
 - MNIST's test digits (share kept);
-- non-digits made here, every one through the preprocessing that served images get (``digits_ray.images``):
+- non-digits made here, every one through the preprocessing that served images get (``digits_ray.inference.images``):
   letters A-Z and a-z rendered with every font ``fc-list`` finds (Debian: ``apt-get install -y
   fonts-dejavu-core``), drawn black on white like the page's canvas; random pen strokes with the page's
   brush; blank (uniform) images and noise, as 28x28 pixels (the JSON path; a blank PNG is refused before
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 from _common import RESULTS, ROOT, markdown_table, save
 
-from digits_ray import abstain, artifact
 from digits_ray.data.mnist import load_split
 from digits_ray.data.split import load_train_val
-from digits_ray.images import image_to_mnist, pixels_to_mnist, png_bytes, to_mnist_frame
-from digits_ray.predict import Predictor
+from digits_ray.inference.images import image_to_mnist, pixels_to_mnist, png_bytes, to_mnist_frame
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import abstain, artifact
 
 CANVAS = 280  # the drawing page's canvas, in pixels
 BRUSH = 20  # and its pen width

@@ -25,11 +25,11 @@ import numpy as np
 from _common import RESULTS, ROOT, markdown_table, save, save_text
 
 from digits_ray import plots
-from digits_ray.config import TrainConfig
-from digits_ray.data.augment import KERNELS, AugmentConfig, augment, limit_kernel_threads
+from digits_ray.config import AugmentConfig, TrainConfig
+from digits_ray.data.augment import KERNELS, augment, limit_kernel_threads
 from digits_ray.data.mnist import load_split
 from digits_ray.data.pipeline import StreamConfig, training_stream
-from digits_ray.ray_backend import init_ray, quiet_data_progress
+from digits_ray.data.ray_backend import init_ray, quiet_data_progress
 
 CFG = AugmentConfig()
 
@@ -104,7 +104,7 @@ def throughput(images: np.ndarray, labels: np.ndarray, repeats: int) -> list[dic
 
 def end_to_end(epochs: dict[str, int], data_dir) -> list[dict]:
     from digits_ray.data.split import load_train_val
-    from digits_ray.evaluate import keep
+    from digits_ray.inference.evaluate import keep
     from digits_ray.train.local import fit
 
     rows = []

@@ -64,7 +64,7 @@ def plain_server(model: str, port: int) -> None:
     """The baseline a user would write: one process, FastAPI + uvicorn, the same predictor and parsing."""
     import uvicorn
 
-    from digits_ray.predict import Predictor
+    from digits_ray.inference.predictor import Predictor
     from digits_ray.serve.inputs import RequestError, parse
     from digits_ray.serve.settings import ServeSettings
 
@@ -93,7 +93,7 @@ def serve_server(variant: str, model: str, port: int) -> None:
     import ray
     from ray import serve
 
-    from digits_ray.ray_backend import runtime_env
+    from digits_ray.data.ray_backend import runtime_env
     from digits_ray.serve.service import build_app
     from digits_ray.serve.settings import ModelChoice, Scaling, ServeSettings
 
@@ -265,7 +265,7 @@ def batch_form(pngs: list[bytes], batch: int) -> Any:
 async def test_set_through_http(url: str, images: np.ndarray, labels: np.ndarray, batch: int) -> dict[str, Any]:
     import aiohttp
 
-    from digits_ray.images import png_bytes
+    from digits_ray.inference.images import png_bytes
 
     digits: list[int] = []
     async with aiohttp.ClientSession() as session:
@@ -403,7 +403,7 @@ def previous_run() -> dict[str, Any] | None:
 
 def report(results: list[dict[str, Any]], flood: dict[str, Any] | None, accuracy: dict[str, Any] | None,
            previous: dict[str, Any] | None, model: str, args: argparse.Namespace) -> None:
-    from digits_ray import artifact
+    from digits_ray.models import artifact
 
     metadata = artifact.read_metadata(model)
     plain = next((r for r in results if r["variant"] == "plain"), None)
@@ -517,7 +517,7 @@ def main() -> int:
     if args.server is None and args.floods and not shutil.which("wrk"):
         parser.exit(2, "error: the floods use Debian's `wrk` load generator: apt-get install wrk (or --floods)\n")
 
-    from digits_ray.registry import model_to_serve
+    from digits_ray.models.registry import model_to_serve
 
     model = str(model_to_serve(args.model))
     if args.server == "plain":
@@ -528,7 +528,7 @@ def main() -> int:
         return 0
 
     from digits_ray.data.mnist import load_split
-    from digits_ray.images import png_bytes
+    from digits_ray.inference.images import png_bytes
     test = load_split("test")
     pngs = [png_bytes(image) for image in test.images[:2000]]
     previous = previous_run() if args.tag == "serve_load" else None
@@ -545,7 +545,7 @@ def main() -> int:
                 if args.accuracy_images:
                     n = min(args.accuracy_images, len(test))
                     accuracy = asyncio.run(test_set_through_http(url, test.images[:n], test.labels[:n], 256))
-                    from digits_ray.predict import Predictor
+                    from digits_ray.inference.predictor import Predictor
 
                     offline = Predictor.from_artifact(model).probabilities(test.images[:n]).argmax(axis=1)
                     accuracy["offline_accuracy"] = float((offline == test.labels[:n]).mean())

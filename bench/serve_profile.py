@@ -30,7 +30,7 @@ from serve_load import fixed_rate, free_port, start_server, stop_server, wait_he
 # What a sample is spent on: the first of these found walking the stack up from the leaf.
 CATEGORIES = [
     ("the model (TensorFlow forward pass)", ("tensorflow/",)),
-    ("decoding and framing images", ("digits_ray/images.py", "PIL/")),
+    ("decoding and framing images", ("digits_ray/inference/images.py", "PIL/")),
     ("request parsing and limits (ours)", ("digits_ray/serve/inputs.py",)),
     ("answers as JSON", ("json/", "JSONResponse", "render (starlette")),
     ("metrics (ours and Serve's)", ("ray/util/metrics", "digits_ray/serve/metrics.py", "metrics_utils", "telemetry")),
@@ -93,8 +93,8 @@ def main() -> int:
         parser.exit(2, "error: py-spy is not installed (pip install py-spy)\n")
 
     from digits_ray.data.mnist import load_split
-    from digits_ray.images import png_bytes
-    from digits_ray.registry import model_to_serve
+    from digits_ray.inference.images import png_bytes
+    from digits_ray.models.registry import model_to_serve
 
     model = str(model_to_serve(args.model))
     pngs = [png_bytes(image) for image in load_split("test").images[:2000]]

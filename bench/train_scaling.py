@@ -22,16 +22,17 @@ import time
 import numpy as np
 from _common import RESULTS, ROOT, markdown_table, save, save_text
 
-from digits_ray import checkpoint as ckpt
 from digits_ray import plots
-from digits_ray.cli import parse_param
+from digits_ray.cli.options import parse_param
 from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import load_split
+from digits_ray.data.pipeline import StreamConfig
+from digits_ray.data.ray_backend import init_ray, quiet_data_progress
 from digits_ray.data.split import TrainValData, load_train_val
-from digits_ray.evaluate import test_metrics
+from digits_ray.inference.evaluate import test_metrics
 from digits_ray.keras_api import keras
 from digits_ray.models.zoo import model_params
-from digits_ray.ray_backend import init_ray, quiet_data_progress
+from digits_ray.train import checkpoint as ckpt
 from digits_ray.train import distributed
 from digits_ray.train.local import fit
 
@@ -84,7 +85,7 @@ def single_process(cfg: TrainConfig, data: TrainValData, data_dir) -> dict:
 def ray_train(cfg: TrainConfig, workers: int, use_gpu: bool, data: TrainValData, data_dir, storage: str) -> dict:
     name = f"scaling_{workers}w_{int(time.time())}"
     scale = distributed.ScaleConfig(workers=workers, use_gpu=use_gpu, cpus_per_worker=1.5 / workers,
-                                    data=distributed.StreamConfig(concurrency=1, cpus_per_actor=0.5),
+                                    data=StreamConfig(concurrency=1, cpus_per_actor=0.5),
                                     storage_path=storage, name=name, keep_checkpoints=cfg.epochs, max_failures=0)
     trainer = distributed.build_trainer(cfg, scale, data)
     started_at, start = time.time(), time.perf_counter()

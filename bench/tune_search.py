@@ -4,19 +4,20 @@ evaluation, TFLite export, the ensemble and the report. Records what the registr
     python bench/tune_search.py -- --time-budget 60m --models cnn_deep cnn_bn --max-epochs 15 \\
         --grace-epochs 3 --min-batch 64 --max-batch 1024 --num-samples 30
 
-Arguments after ``--`` go to jobs/tune.py unchanged (a fresh --name and --registry are added).
+Arguments after ``--`` go to ``digits-ray tune`` (jobs/tune.py) unchanged (a fresh --name and --registry are added).
 Needs full MNIST ($DIGITS_DATA_DIR or --data-dir). Writes bench/results/tune_search.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 
 from _common import ROOT, markdown_table, save, save_text
+
+from digits_ray.cli import main as cli
 
 
 def main() -> None:
@@ -26,15 +27,12 @@ def main() -> None:
     job_args = [a for a in args.job_args if a != "--"]
     name = f"bench-{int(time.time())}"
     registry = ROOT / "artifacts" / "bench" / "registry"
-    spec = importlib.util.spec_from_file_location("tune_job", ROOT / "jobs" / "tune.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     start = time.perf_counter()
-    code = job.main([*job_args, "--name", name, "--registry", str(registry)])
+    code = cli(["tune", *job_args, "--name", name, "--registry", str(registry)])
     total = time.perf_counter() - start
     if code:
         sys.exit(code)
-    from digits_ray.registry import read_index
+    from digits_ray.models.registry import read_index
 
     index = read_index(registry)
     entry_name = max((n for n in index["entries"] if n.endswith(name)), default=None)

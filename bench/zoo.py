@@ -16,7 +16,7 @@ from _common import RESULTS, ROOT, markdown_table, save, save_text
 from digits_ray import plots
 from digits_ray.config import TrainConfig
 from digits_ray.data.split import load_train_val
-from digits_ray.evaluate import keep
+from digits_ray.inference.evaluate import keep
 from digits_ray.train.local import fit
 
 # Settings and figures of the projects this repository replaces.

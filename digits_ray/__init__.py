@@ -1,6 +1,8 @@
 """digits-ray: MNIST from raw IDX files to a tuned model behind a Ray Serve endpoint.
 
-Layers, in the order data flows: ``data`` -> ``models`` -> ``train`` -> (tune) -> (serve).
+Rooms, in the order data flows: ``data`` -> ``models`` -> ``train`` and ``inference`` -> ``tune`` ->
+``serve``; each imports only rooms before it (train and inference not each other), and the shared modules
+beside them (config, errors, schema, keras_api, plots) import no room. ``tests/test_layout.py`` checks it.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""One place for every training default: ``TrainConfig``.
+"""One place for every training default: ``TrainConfig``, and the ``AugmentConfig`` its ``augment`` names.
 
 The CLI, the Ray Train job and Tune all start from it, so a default changes in exactly one line, and
 ``batch_size`` and ``learning_rate`` mean the same on every runner: the global batch, and the peak LR
@@ -12,6 +12,56 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from digits_ray.errors import ConfigError
+from digits_ray.schema import IMAGE_SIZE
+
+# --- Augmentation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random transforms of ``data.augment`` (the published MNIST recipes use about these).
+
+    Here, beside ``TrainConfig``, so that a training configuration is checked without loading the data layer.
+    """
+
+    rotation_deg: float = 12.0  # uniform in [-r, r]
+    shift: float = 0.1  # fraction of the image size, uniform in [-s, s] per axis
+    zoom: float = 0.1  # scale uniform in [1 - z, 1 + z]
+    elastic_alpha: float = 0.0  # peak elastic displacement in pixels; 0 turns it off
+    elastic_grid: int = 4  # control points per side of the smooth random displacement field
+    margin: float = 1.5  # minimum distance in pixels between transformed ink and the edge
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rotation_deg": 0 <= self.rotation_deg <= 180,
+            "shift": 0 <= self.shift < 0.5,
+            "zoom": 0 <= self.zoom < 1,
+            "elastic_alpha": 0 <= self.elastic_alpha <= 5,
+            "elastic_grid": 2 <= self.elastic_grid <= IMAGE_SIZE,
+            "margin": 0 <= self.margin < 5,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(
+                f"augmentation option(s) out of range: {', '.join(f'{b}={getattr(self, b)}' for b in bad)}; "
+                "accepted: rotation_deg 0-180, shift [0, 0.5), zoom [0, 1), elastic_alpha 0-5, "
+                "elastic_grid 2-28, margin [0, 5)"
+            )
+
+    @property
+    def kernel(self) -> str:
+        """The warp kernel ``augment`` uses: TensorFlow's, unless elastic distortion needs numpy's."""
+        return "numpy" if self.elastic_alpha > 0 else "tf"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AugmentConfig:
+        """Options from a config file or the command line, with a clear error for unknown ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown augmentation option(s) {unknown}; accepted: {sorted(known)}")
+        return cls(**values)
+
 
 # --- Training -------------------------------------------------------------------------------
 SCHEDULES = ("constant", "cosine", "plateau")
@@ -65,10 +115,8 @@ class TrainConfig:
             raise ConfigError("invalid training configuration: " + "; ".join(problems))
         self.augment_config()  # reject bad augmentation options now, not mid-training
 
-    def augment_config(self):
+    def augment_config(self) -> AugmentConfig | None:
         """The run's ``AugmentConfig``, or None when it trains on the images as they are."""
-        from digits_ray.data.augment import AugmentConfig
-
         return None if self.augment is None else AugmentConfig.from_dict(self.augment)
 
     def to_dict(self) -> dict[str, Any]:

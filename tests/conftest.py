@@ -8,13 +8,11 @@ session keeps to its own temp folders, its own Ray token file and its own Ray, a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -22,7 +20,6 @@ import digits_ray  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything impor
 
 SMALL_MNIST = Path(__file__).parent / "data" / "mnist-small"
 CANONICAL_FILES = Path(__file__).parent / "data" / "mnist-canonical"
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
 # Variables that would point this session's Ray processes at another Ray, or at another token.
 FOREIGN_RAY_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
@@ -56,19 +53,34 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"test folders (logs of the failed tests) kept in {own}")
 
 
-def load_job(name: str) -> ModuleType:
-    """A job script (jobs/NAME.py) as a module, without running it."""
-    spec = importlib.util.spec_from_file_location(f"{name}_job", JOBS / f"{name}.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
+def run_without_ray(argv: list[str]) -> int:
+    """The command line (``digits-ray ARGV``) with Ray's start replaced by a failure: bad input must stop
+    earlier. Returns the exit code."""
+    from digits_ray.cli import main
+    from digits_ray.data import ray_backend
+
+    def refuse(*args, **kwargs):
+        pytest.fail("Ray was started for a bad command line")
+
+    started, ray_backend.init_ray = ray_backend.init_ray, refuse
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        ray_backend.init_ray = started
 
 
-def run_job_without_ray(name: str, argv: list[str]) -> int:
-    """A job's main, with Ray's start replaced by a failure: bad input must stop earlier."""
-    job = load_job(name)
-    job.init_ray = lambda *args: pytest.fail("Ray was started for a bad command line")
-    return job.main(argv)
+@pytest.fixture(scope="session", autouse=True)
+def _own_digits_home(tmp_path_factory):
+    """Default outputs (models, artifacts) go to a folder of the session, never to the real ~/digits-ray."""
+    saved = os.environ.get("DIGITS_HOME")
+    os.environ["DIGITS_HOME"] = str(tmp_path_factory.mktemp("digits-home"))
+    yield
+    if saved is None:
+        os.environ.pop("DIGITS_HOME", None)
+    else:
+        os.environ["DIGITS_HOME"] = saved
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -140,7 +152,7 @@ def _ray_context(_own_ray_token):
     """
     import ray
 
-    from digits_ray.ray_backend import runtime_env
+    from digits_ray.data.ray_backend import runtime_env
     from digits_ray.serve.settings import ray_start_env
     from tests.processes import free_ports
 
@@ -199,7 +211,7 @@ def digit_model(tmp_path_factory) -> Path:
     read digits drawn in a browser."""
     from digits_ray.config import TrainConfig
     from digits_ray.data.split import load_train_val
-    from digits_ray.evaluate import keep
+    from digits_ray.inference.evaluate import keep
     from digits_ray.train.local import fit
 
     cfg = TrainConfig(model="cnn_bn", epochs=4, batch_size=64, learning_rate=3e-3,
@@ -234,7 +246,7 @@ def ray_train_run(ray_local, small_mnist, tmp_path_factory):
     """(metadata, artifact folder, Ray Train run folder) of a 2-worker run on the session's Ray."""
     from digits_ray.config import TrainConfig
     from digits_ray.data.pipeline import StreamConfig
-    from digits_ray.evaluate import keep
+    from digits_ray.inference.evaluate import keep
     from digits_ray.train import distributed
 
     cfg = TrainConfig(model="cnn_bn", epochs=RAY_TRAIN_EPOCHS, batch_size=RAY_TRAIN_BATCH, augment={})

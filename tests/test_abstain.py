@@ -10,13 +10,13 @@ import shutil
 import numpy as np
 import pytest
 
-from digits_ray import abstain, artifact
-from digits_ray.abstain import AbstainError, AbstainRule
 from digits_ray.cli import main as cli
 from digits_ray.data.mnist import load_split
 from digits_ray.data.split import load_train_val
-from digits_ray.images import image_to_mnist, pixels_to_mnist, png_bytes
-from digits_ray.predict import Predictor
+from digits_ray.inference.images import image_to_mnist, pixels_to_mnist, png_bytes
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import abstain, artifact
+from digits_ray.models.abstain import AbstainError, AbstainRule
 
 CANVAS, BRUSH = 280, 20  # the drawing page's canvas and pen
 

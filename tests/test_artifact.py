@@ -6,9 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from digits_ray import artifact
 from digits_ray.config import TrainConfig
-from digits_ray.predict import Predictor
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import artifact
 
 
 def lambda_model():

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from digits_ray.data.augment import KERNELS, AugmentConfig, augment, uniform
+from digits_ray.config import AugmentConfig
+from digits_ray.data.augment import KERNELS, augment, uniform
 from digits_ray.data.mnist import load_split
 
 # (config, how far the median ink mass may move: extreme ranges must shrink most digits to fit)

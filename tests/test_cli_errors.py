@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from digits_ray.cli import main
-from tests.conftest import run_job_without_ray
+from tests.conftest import run_without_ray
 
 
 def run_job(argv):
-    return run_job_without_ray("train", argv)
+    return run_without_ray(["train", "--ray", *argv])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -51,7 +51,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
 def test_the_runtime_env_forwards_the_data_folder_and_defers_to_a_submitted_job(monkeypatch):
     import json
 
-    from digits_ray.ray_backend import runtime_env
+    from digits_ray.data.ray_backend import runtime_env
 
     monkeypatch.setenv("DIGITS_DATA_DIR", "/data/mnist")
     env = runtime_env()["env_vars"]

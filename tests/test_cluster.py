@@ -146,9 +146,9 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(cluster_hea
     """The README's main job, as a user runs it: `ray job submit --working-dir . -- python jobs/tune.py`
     to the head of start-local.sh, with the winner retrained longer by Ray Train before it is published,
     tracked in MLflow (the `track` extra) in a SQLite store beside the search's storage."""
-    from digits_ray import artifact
     from digits_ray.data.mnist import load_split
-    from digits_ray.registry import best_entry
+    from digits_ray.models import artifact
+    from digits_ray.models.registry import best_entry
 
     registry, runs = tmp_path / "models", tmp_path / "runs"
     job = cluster_head.submit(
@@ -191,14 +191,17 @@ def test_ray_job_submit_of_a_smoke_search_publishes_a_registry_entry(cluster_hea
             "best_per_architecture.png", "trial_curves.png", "winner_history.png", "winner_confusion_matrix.png",
             "search.json"} <= report
     assert len((entry / "search" / "trials.csv").read_text().splitlines()) == 1 + 3
-    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", registry, entry)
+    (search,) = runs.glob("tune-*")  # a new search gets a new name: tune-YYYYmmdd-HHMMSS
+    assert entry.name.endswith(search.name)
+    check_mlflow(f"sqlite:///{runs / 'mlflow.db'}", registry, entry, search.name)
 
 
-def check_mlflow(uri: str, registry: Path, entry: Path) -> None:
+def check_mlflow(uri: str, registry: Path, entry: Path, search: str) -> None:
     """One MLflow run per trial (its config, every epoch) and one for the winner (its entry), whose id the
     registry records."""
-    from digits_ray import artifact, tracking
-    from digits_ray.registry import read_index
+    from digits_ray.models import artifact
+    from digits_ray.models.registry import read_index
+    from digits_ray.train import tracking
 
     index_entry = read_index(registry)["entries"][entry.name]
     if not tracking.installed():
@@ -206,7 +209,7 @@ def check_mlflow(uri: str, registry: Path, entry: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_PREFIX + "tune")
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_PREFIX + search)
     found = client.search_runs([experiment.experiment_id])
     by_role = {role: [r for r in found if r.data.tags.get(tracking.ROLE_TAG) == role] for role in ("trial", "winner")}
     assert len(found) == 4 and len(by_role["trial"]) == 3 and len(by_role["winner"]) == 1
@@ -259,7 +262,7 @@ def test_a_two_node_run_recovers_when_its_second_node_dies(ray_train_run, tmp_pa
     every process of node-b gets SIGKILL, a replacement node-c joins, the hold ends, and the run resumes
     from that checkpoint under FailureConfig, finishes every epoch once, and ends where its undisturbed
     twin (the same config on the session's Ray) ends."""
-    from digits_ray import artifact
+    from digits_ray.models import artifact
 
     runs, out, name, gate = tmp_path / "runs", tmp_path / "model", "two-nodes", tmp_path / "gate"
     twin_meta, twin_out, _ = ray_train_run

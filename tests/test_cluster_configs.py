@@ -31,8 +31,6 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.conftest import load_job
-
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_CONFIGS = ("aws", "gcp")
 KUBERAY_DIR = ROOT / "cluster" / "kuberay"
@@ -162,7 +160,11 @@ def serve_config(service: dict[str, Any]) -> dict[str, Any]:
 
 @functools.cache
 def job_module(name: str):
-    return load_job(name)  # imports TensorFlow once (jobs/train.py); the parsers need nothing more
+    """A job script (jobs/NAME.py) as a module, without running it: its COMMAND, the digits-ray subcommand."""
+    spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "jobs" / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
 
 
 def entrypoint_problems(entrypoint: str) -> list[str]:
@@ -172,11 +174,13 @@ def entrypoint_problems(entrypoint: str) -> list[str]:
         return [f"{entrypoint!r}: expected `python jobs/NAME.py ...`"]
     if not (ROOT / argv[1]).is_file():
         return [f"{argv[1]} does not exist"]
+    from digits_ray.cli import build_parser
+
     job = job_module(Path(argv[1]).stem)
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            job.parse_args(argv[2:])
+            build_parser().parse_args([*job.COMMAND, *argv[2:]])
     except SystemExit:
         return [f"{argv[1]} refuses {argv[2:]}: {stderr.getvalue().strip().splitlines()[-1]}"]
     return []
@@ -425,12 +429,15 @@ def test_rayjobs_run_the_job_scripts_on_the_raycluster():
         assert entrypoint_problems(job["spec"]["entrypoint"]) == [], name
     train, tune = (shlex.split(jobs[name]["spec"]["entrypoint"]) for name in ("digits-train", "digits-tune"))
     assert train[1] == "jobs/train.py" and tune[1] == "jobs/tune.py"
-    train_args, tune_args = job_module("train").parse_args(train[2:]), job_module("tune").parse_args(tune[2:])
+    from digits_ray.cli import build_parser
+
+    train_args, tune_args = (build_parser().parse_args([*job_module(n).COMMAND, *argv[2:]])
+                             for n, argv in (("train", train), ("tune", tune)))
     assert train_args.use_gpu and train_args.workers >= 2
     assert tune_args.gpus_per_trial == 0, "trials run on the cpu group"
     # Whatever a job writes must outlive the pod and be readable from the others.
-    for path in (train_args.storage_path, str(train_args.out), tune_args.storage_path, tune_args.registry):
-        assert path.startswith(f"{SHARED}/"), path
+    for path in (train_args.storage_path, train_args.out, tune_args.storage_path, tune_args.registry):
+        assert str(path).startswith(f"{SHARED}/"), path
 
 
 @pytest.mark.parametrize("entrypoint", [
@@ -470,7 +477,7 @@ def test_rayservice_serves_serve_app_with_serves_own_config_schema():
     config = serve_config(service)
     assert serve_config_problems(config) == []
     (app,) = config["applications"]
-    assert (app["name"], app["import_path"], app["route_prefix"]) == ("digits", "digits_ray.serve.application:app", "/")
+    assert (app["name"], app["import_path"], app["route_prefix"]) == ("digits", "digits_ray.serve.app:app", "/")
     assert import_path_problems(app["import_path"]) == []
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}, "KubeRay's Service reaches every proxy"
     (head,) = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from digits_ray import artifact, model_parts
 from digits_ray.data.mnist import load_split
-from digits_ray.explain import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS, ExplainError, Explanation
-from digits_ray.images import INK_THRESHOLD
-from digits_ray.predict import Predictor, PredictorError
+from digits_ray.inference.explain import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS, ExplainError, Explanation
+from digits_ray.inference.images import INK_THRESHOLD
+from digits_ray.inference.predictor import Predictor, PredictorError
+from digits_ray.models import artifact, parts
 
 DIGITS = 100  # test digits measured
 
@@ -107,7 +107,7 @@ def test_a_model_without_a_convolution_gets_saliency_and_says_so(digits):
 def test_an_ensemble_is_explained_through_its_members_logits(digit_model, predictor, digits, tmp_path):
     import pandas as pd
 
-    from digits_ray.ensemble import build_ensemble
+    from digits_ray.models.ensemble import build_ensemble
 
     twins = build_ensemble([artifact.load_model(digit_model), artifact.load_model(digit_model)])
     ensemble = Predictor(twins)
@@ -128,12 +128,12 @@ def test_where_the_last_convolution_looks():
     from digits_ray.models.zoo import build_model
 
     # cnn_bn: conv 28 -> 26 (centre +1), conv 26 -> 24 (+1 more); the pool comes after the last conv.
-    name, grid = model_parts.last_convolution(build_model("cnn_bn"))
-    assert grid == model_parts.Grid((2.0, 2.0), (1.0, 1.0), (24, 24)) and name.startswith("re_lu")
+    name, grid = parts.last_convolution(build_model("cnn_bn"))
+    assert grid == parts.Grid((2.0, 2.0), (1.0, 1.0), (24, 24)) and name.startswith("re_lu")
     # pool_after_each: conv (+1) 26, pool (+0.5, x2) 13, conv (+1 cell = +2 px) 11: centres 3.5, 5.5, ... 23.5
-    _, grid = model_parts.last_convolution(build_model("cnn_bn", {"pool_after_each": True}))
-    assert grid == model_parts.Grid((3.5, 3.5), (2.0, 2.0), (11, 11))
+    _, grid = parts.last_convolution(build_model("cnn_bn", {"pool_after_each": True}))
+    assert grid == parts.Grid((3.5, 3.5), (2.0, 2.0), (11, 11))
     # cnn_deep: "same" convs keep centres; two pools come before its last conv: offsets 0.5 then 1.5, steps 2, 4
-    _, grid = model_parts.last_convolution(build_model("cnn_deep"))
-    assert grid == model_parts.Grid((1.5, 1.5), (4.0, 4.0), (7, 7))
-    assert model_parts.last_convolution(build_model("dense")) is None
+    _, grid = parts.last_convolution(build_model("cnn_deep"))
+    assert grid == parts.Grid((1.5, 1.5), (4.0, 4.0), (7, 7))
+    assert parts.last_convolution(build_model("dense")) is None

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from digits_ray.data.mnist import load_split
-from digits_ray.images import (
+from digits_ray.inference.images import (
     FIT_BOX,
     ImageError,
     ImageLimits,

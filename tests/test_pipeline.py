@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from digits_ray.data.augment import AugmentConfig
+from digits_ray.config import AugmentConfig
 from digits_ray.data.mnist import load_split
 from digits_ray.data.pipeline import EpochSampler, StreamConfig, local_batches, training_stream
 

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digits_ray import artifact
 from digits_ray.cli import main as cli
 from digits_ray.data.mnist import load_split
-from digits_ray.images import png_bytes
-from digits_ray.predict import Predictor, PredictorError
+from digits_ray.inference.images import png_bytes
+from digits_ray.inference.predictor import Predictor, PredictorError
+from digits_ray.models import artifact
 
 
 def test_the_predictor_reads_an_artifact_and_answers_with_top3(digit_model, small_mnist):
@@ -37,8 +37,8 @@ def test_the_predictor_reads_an_artifact_and_answers_with_top3(digit_model, smal
 
 
 def test_saliency_marks_the_ink_of_models_and_ensembles(digit_model, small_mnist, tmp_path):
-    from digits_ray.ensemble import build_ensemble
-    from digits_ray.explain import scaled
+    from digits_ray.inference.explain import scaled
+    from digits_ray.models.ensemble import build_ensemble
 
     image = load_split("test", small_mnist).images[0]
     predictor = Predictor.from_artifact(digit_model)
@@ -130,15 +130,13 @@ def test_predict_refuses_bad_options_in_one_line(digit_model, tmp_path, capsys, 
 
 
 def test_serve_app_refuses_zero_replicas(capsys):
-    from digits_ray.serve.application import main
-
     with pytest.raises(SystemExit) as stop:
-        main(["--replicas", "0", "--model", "/nonexistent"])
+        cli(["serve", "--replicas", "0", "--model", "/nonexistent"])
     assert stop.value.code == 2 and "replicas must be a positive integer" in capsys.readouterr().err
 
 
 def test_the_model_to_serve_is_the_flag_then_the_environment_then_the_registry(tmp_path, monkeypatch, digit_model):
-    from digits_ray.registry import RegistryError, model_to_serve
+    from digits_ray.models.registry import RegistryError, model_to_serve
 
     monkeypatch.setenv("DIGITS_REGISTRY", str(tmp_path / "empty"))
     monkeypatch.delenv("DIGITS_MODEL", raising=False)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from digits_ray import artifact
-from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
 from digits_ray.data.pipeline import StreamConfig
-from digits_ray.evaluate import keep
+from digits_ray.inference.evaluate import keep
+from digits_ray.models import artifact
+from digits_ray.train import checkpoint as ckpt
 from digits_ray.train import distributed
 from digits_ray.train.distributed import ScaleConfig
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from digits_ray import artifact, registry
 from digits_ray.cli import main as cli_main
 from digits_ray.config import TrainConfig
+from digits_ray.models import artifact, registry
 
 
 def tiny_entry(val_accuracy: float):

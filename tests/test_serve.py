@@ -14,10 +14,10 @@ import pytest
 import requests
 from PIL import Image
 
-from digits_ray import artifact
 from digits_ray.data.mnist import load_split
-from digits_ray.images import png_bytes
-from digits_ray.predict import Predictor
+from digits_ray.inference.images import png_bytes
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import artifact
 from tests.processes import free_ports
 from tests.test_images import animated_gif, png_declaring
 
@@ -248,7 +248,7 @@ STROKES = {  # digit -> strokes in canvas fractions (0..1), as a person would dr
 def test_the_drawing_page_reads_digits_drawn_in_chromium(server, tmp_path, digits, digit_model):
     from playwright.sync_api import sync_playwright
 
-    from digits_ray.images import image_to_mnist
+    from digits_ray.inference.images import image_to_mnist
 
     assert CHROMIUM, "this test needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
     with sync_playwright() as playwright:

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from digits_ray import registry
 from digits_ray.data.mnist import load_split
-from digits_ray.images import png_bytes
-from digits_ray.predict import Predictor
+from digits_ray.inference.images import png_bytes
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import registry
 from tests.clusters import wait_for
 from tests.processes import free_ports
 
@@ -67,7 +67,9 @@ def ops(ray_local, ray_api, digit_model):
     choice = ModelChoice(model=str(digit_model))
     try:
         serve.run(build_app(ServeSettings(), choice), name="two", route_prefix="/two")
-        serve.run(build_app(ServeSettings(scaling=Scaling(replicas=1), admission=Admission(max_pending=2)), choice),
+        small = ServeSettings(scaling=Scaling(replicas=1, health_check_period_s=2, health_check_timeout_s=4),
+                              admission=Admission(max_pending=2))  # quick health checks: the wedge test
+        serve.run(build_app(small, choice),
                   name="small", route_prefix="/small")
         node = ray._private.worker.global_worker.node
         yield Ops(url, port, ray_api, f"http://127.0.0.1:{node.metrics_export_port}/metrics")
@@ -82,8 +84,10 @@ def pngs(small_mnist):
     return test.images, [png_bytes(image) for image in test.images]
 
 
-async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float, during=None) -> list[dict]:
-    """Single PNGs at a fixed rate (request i leaves at i / rate); ``during(elapsed)`` runs at each send."""
+async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float, during=None,
+                    until=None) -> list[dict]:
+    """Single PNGs at a fixed rate (request i leaves at i / rate) for ``seconds``, or until ``until()`` is
+    true; ``during(elapsed)`` runs at each send."""
     import aiohttp
 
     results: list[dict] = []
@@ -105,6 +109,8 @@ async def open_loop(url: str, bodies: list[bytes], rate: float, seconds: float, 
         start = time.monotonic()
         tasks = []
         for i in range(int(rate * seconds)):
+            if until and until():
+                break
             delay = start + i / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -213,8 +219,18 @@ def test_a_rolling_restart_under_load_drops_nothing(ops, pngs, digit_model):
             redeployed.append(elapsed)
             deploy.start()  # serve.run waits for the new replicas: beside the load, not in its loop
 
-    results = asyncio.run(open_loop(url, pngs[1], rate=20, seconds=40, during=redeploy))
+    finished: list[float] = []
+
+    def settled() -> bool:  # the new replicas serve (serve.run returned) and have answered for 2 s
+        if deploy.is_alive() or not redeployed:
+            return False
+        if not finished:
+            finished.append(time.monotonic())
+        return time.monotonic() - finished[0] >= 2
+
+    results = asyncio.run(open_loop(url, pngs[1], rate=20, seconds=120, during=redeploy, until=settled))
     deploy.join(timeout=120)
+    assert redeployed and finished, "the redeploy did not finish under load within 120 s"
     assert not old & {a.actor_id for a in ops.replicas("two")}, "both replicas were replaced"
     assert [r for r in results if r["status"] != 200] == []
 
@@ -223,7 +239,7 @@ def swap_config(ops: dict, user_config: dict, model: Path) -> dict:
     """A Serve config (what `serve deploy` sends) with one app, "swap", at /swap."""
     return {"http_options": {"host": "127.0.0.1", "port": ops.port},
             "applications": [{"name": "swap", "route_prefix": "/swap",
-                              "import_path": "digits_ray.serve.application:builder",
+                              "import_path": "digits_ray.serve.app:builder",
                               "args": {"model": str(model), "replicas": "1"},
                               "deployments": [{"name": "DigitsService", "user_config": user_config}]}]}
 

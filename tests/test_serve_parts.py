@@ -149,7 +149,7 @@ def test_the_app_builds_from_its_real_import_paths_with_the_token_from_the_envir
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("DIGITS_MODEL", str(digit_model))
     monkeypatch.setenv("DIGITS_SERVE_TOKEN", "s3cret")
-    for path in ("digits_ray.serve.application:app", "serve_app:app"):
+    for path in ("digits_ray.serve.app:app", "serve_app:app"):
         module, _, name = path.partition(":")
         app = getattr(importlib.import_module(module), name)
         assert isinstance(app, serve.Application), path

@@ -7,8 +7,9 @@ import argparse
 
 import pytest
 
-from digits_ray import artifact, tracking
 from digits_ray.cli import main as cli
+from digits_ray.models import artifact
+from digits_ray.train import tracking
 
 pytest.importorskip("mlflow", reason='MLflow is the optional `track` extra: pip install -e ".[dev,track]"')
 

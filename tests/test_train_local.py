@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digits_ray import artifact
 from digits_ray.cli import main
 from digits_ray.config import TrainConfig
 from digits_ray.data.split import load_train_val
-from digits_ray.evaluate import classification_metrics, predict_proba
+from digits_ray.inference.evaluate import predict_proba
 from digits_ray.keras_api import keras
+from digits_ray.models import artifact
+from digits_ray.models.metrics import classification_metrics
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def trials(experiment: Path) -> dict[str, dict]:
-    """Trial id -> {"status", "epoch" (of its last result, 0 before one)}, from Tune's latest experiment snapshot."""
+    """Trial id -> {"status", "epoch" (of its last result, 0 before one), "checkpointed" (the snapshot's
+    checkpoint manager holds that result's checkpoint: what a restore starts from)}, from Tune's latest
+    experiment snapshot."""
     files = sorted(glob.glob(str(experiment / "experiment_state-*.json")))
     if not files:
         return {}
@@ -34,7 +36,12 @@ def trials(experiment: Path) -> dict[str, dict]:
     found = {}
     for trial_json, run_json in state["trial_data"]:
         trial, run = json.loads(trial_json), json.loads(run_json)
-        found[trial["trial_id"]] = {"status": trial["status"], "epoch": (run.get("last_result") or {}).get("epoch", 0)}
+        last = run.get("last_result") or {}
+        manager = run.get("checkpoint_manager") or {}
+        held = bytes.fromhex(manager["value"]) if isinstance(manager, dict) and "value" in manager else b""
+        folder = last.get("checkpoint_dir_name")
+        found[trial["trial_id"]] = {"status": trial["status"], "epoch": last.get("epoch", 0),
+                                    "checkpointed": bool(folder) and folder.encode() in held}
     return found
 
 
@@ -52,7 +59,8 @@ def test_ray_train_trials_stopped_by_asha_give_their_resources_back(ray_local, s
     from ray.util import placement_group_table
 
     from digits_ray.data.split import load_train_val
-    from digits_ray.tune.search import SearchConfig, run, trials_table
+    from digits_ray.tune.config import SearchConfig
+    from digits_ray.tune.search import run, trials_table
     from digits_ray.tune.space import SpaceConfig
 
     groups_before = set(placement_group_table())
@@ -108,7 +116,8 @@ def test_a_killed_search_resumes_without_losing_or_rerunning_finished_trials(tra
             holding = {}
             for trial_id, info in running.items():
                 holder = marker(gate, f"trial_{trial_id}")
-                if holder.exists() and json.loads(holder.read_text())["epoch"] == info["epoch"]:
+                if (holder.exists() and json.loads(holder.read_text())["epoch"] == info["epoch"]
+                        and info["checkpointed"]):
                     holding[trial_id] = info["epoch"]
             settled = len(now) == 4 and all(info["status"] in ("RUNNING", "TERMINATED") for info in now.values())
             return alive(holding if settled and running and len(holding) == len(running) else {})

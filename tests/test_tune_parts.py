@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digits_ray import artifact
 from digits_ray.config import TrainConfig
+from digits_ray.models import artifact
 from digits_ray.models.zoo import build_model
 from digits_ray.tune import space
-from tests.conftest import load_job, run_job_without_ray
+from tests.conftest import run_without_ray
 
 
 def test_the_space_samples_valid_configs_with_conditional_hyperparameters():
@@ -65,7 +65,7 @@ def two_models(digit_model, cli_model, small_mnist):
 
 
 def test_an_ensemble_saves_and_loads_like_any_model(two_models, tmp_path):
-    from digits_ray.ensemble import build_ensemble
+    from digits_ray.models.ensemble import build_ensemble
 
     members, test = two_models
     expected = np.mean([m.predict(test.images[:64], verbose=0) for m in members], axis=0)
@@ -109,8 +109,9 @@ def test_int8_tflite_of_a_batch_norm_model_keeps_its_accuracy(digit_model, small
     """The int8 export of a cnn_bn model as Tune publishes one (BN layers, loaded back from its file),
     measured through the TFLite interpreter on the test split."""
     from digits_ray.data.mnist import load_split
-    from digits_ray.evaluate import classification_metrics, predict_proba
-    from digits_ray.export import export_tflite
+    from digits_ray.inference.evaluate import predict_proba
+    from digits_ray.models.export import export_tflite
+    from digits_ray.models.metrics import classification_metrics
 
     model = artifact.load_model(digit_model)
     assert any(type(layer).__name__ == "BatchNormalization" for layer in model.layers)
@@ -127,11 +128,11 @@ def test_int8_tflite_of_a_batch_norm_model_keeps_its_accuracy(digit_model, small
 INT8_DROP_POINTS = 0.5
 
 
-# --- jobs/tune.py refuses bad input before Ray starts -------------------------------------------
+# --- digits-ray tune (jobs/tune.py) refuses bad input before Ray starts -------------------------------------------
 
 
 def run_job(argv):
-    return run_job_without_ray("tune", argv)
+    return run_without_ray(["tune", *argv])
 
 
 def test_tune_job_rejects_bad_options_and_unresumable_folders(tmp_path, capsys):
@@ -158,15 +159,16 @@ def test_tune_job_rejects_bad_options_and_unresumable_folders(tmp_path, capsys):
 
 
 def test_durations():
-    job = load_job("tune")
-    assert [job.parse_duration(t) for t in ("90s", "60m", "1.5h", "120")] == [90, 3600, 5400, 120]
+    from digits_ray.cli.tune import parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "60m", "1.5h", "120")] == [90, 3600, 5400, 120]
     with pytest.raises(Exception, match="duration"):
-        job.parse_duration("an hour")
+        parse_duration("an hour")
 
 
 def test_each_epoch_is_published_with_a_checkpoint_and_the_best_so_far():
     """What Optuna learns from (``best_val_accuracy``); the history itself stays per epoch."""
-    from digits_ray import checkpoint as ckpt
+    from digits_ray.train import checkpoint as ckpt
     from digits_ray.train.reporting import ReportEachEpoch
 
     published = []

@@ -1,1 +1,2 @@
-"""Data layer: verified MNIST files, a deterministic train/validation split, augmentation."""
+"""Data layer: verified MNIST files, a deterministic train/validation split, augmentation, and the
+connection to Ray whose processes all read the same data folder."""

@@ -10,61 +10,16 @@ clipped per image so the transformed ink bounding box stays at least ``margin`` 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
 
-from digits_ray.errors import ConfigError
+from digits_ray.config import AugmentConfig
 from digits_ray.schema import IMAGE_SIZE
 
 _CENTER = (IMAGE_SIZE - 1) / 2
 _GRID_Y, _GRID_X = (g.ravel().astype(np.float32) - _CENTER for g in np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE])
 _PAD = IMAGE_SIZE + 2  # images are sampled from a copy with a 1-pixel zero border
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random transforms (the published MNIST recipes use about these)."""
-
-    rotation_deg: float = 12.0  # uniform in [-r, r]
-    shift: float = 0.1  # fraction of the image size, uniform in [-s, s] per axis
-    zoom: float = 0.1  # scale uniform in [1 - z, 1 + z]
-    elastic_alpha: float = 0.0  # peak elastic displacement in pixels; 0 turns it off
-    elastic_grid: int = 4  # control points per side of the smooth random displacement field
-    margin: float = 1.5  # minimum distance in pixels between transformed ink and the edge
-
-    def __post_init__(self) -> None:
-        checks = {
-            "rotation_deg": 0 <= self.rotation_deg <= 180,
-            "shift": 0 <= self.shift < 0.5,
-            "zoom": 0 <= self.zoom < 1,
-            "elastic_alpha": 0 <= self.elastic_alpha <= 5,
-            "elastic_grid": 2 <= self.elastic_grid <= IMAGE_SIZE,
-            "margin": 0 <= self.margin < 5,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(
-                f"augmentation option(s) out of range: {', '.join(f'{b}={getattr(self, b)}' for b in bad)}; "
-                "accepted: rotation_deg 0-180, shift [0, 0.5), zoom [0, 1), elastic_alpha 0-5, "
-                "elastic_grid 2-28, margin [0, 5)"
-            )
-
-    @property
-    def kernel(self) -> str:
-        """The warp kernel ``augment`` uses: TensorFlow's, unless elastic distortion needs numpy's."""
-        return "numpy" if self.elastic_alpha > 0 else "tf"
-
-    @classmethod
-    def from_dict(cls, values: dict) -> AugmentConfig:
-        """Options from a config file or the command line, with a clear error for unknown ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown augmentation option(s) {unknown}; accepted: {sorted(known)}")
-        return cls(**values)
 
 
 # --- Counter-based random numbers -------------------------------------------------------------
@@ -207,7 +162,7 @@ def limit_kernel_threads(threads: int) -> None:
 
     A Ray Data actor holding a fraction of a CPU must not spread over every core of the node.
     """
-    import tensorflow as tf
+    from digits_ray.keras_api import tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -221,7 +176,7 @@ def _warp_tf(images: np.ndarray, a: np.ndarray, b: np.ndarray, tx: np.ndarray, t
     pixels as ``fill_value`` (our zero border) and its cast to uint8 truncates: lifting every input
     and the fill by 0.5 turns that truncation into rounding, like the numpy sampler's.
     """
-    import tensorflow as tf
+    from digits_ray.keras_api import tf
 
     c = np.float32(_CENTER)
     transforms = np.stack(

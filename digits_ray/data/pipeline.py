@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray.data.augment import AugmentConfig, augment, limit_kernel_threads
+from digits_ray.config import AugmentConfig
+from digits_ray.data.augment import augment, limit_kernel_threads
 from digits_ray.errors import ConfigError
 from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
 

@@ -1,1 +1,1 @@
-"""The model zoo."""
+"""Models: the zoo, the artifact folder and its abstain rule, metrics, TFLite export, ensembles, the registry."""

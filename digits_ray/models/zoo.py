@@ -10,13 +10,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from digits_ray.errors import ConfigError
-from digits_ray.keras_api import keras
 from digits_ray.schema import IMAGE_SIZE, NUM_CLASSES
 
-layers = keras.layers
+if TYPE_CHECKING:
+    from digits_ray.keras_api import keras
+
+
+def _keras() -> Any:
+    """Keras, imported when a model is built: the zoo's names and hyperparameters (command-line choices,
+    search spaces, config checks) must not wait for TensorFlow to load."""
+    from digits_ray.keras_api import keras
+
+    return keras
 
 
 @dataclass(frozen=True)
@@ -50,17 +58,23 @@ class CnnDeepParams:
 
 def _inputs() -> tuple[Any, Any]:
     """uint8 (28, 28) in; float (28, 28, 1) in [0, 1] out."""
+    keras = _keras()
+    layers = keras.layers
     raw = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE), dtype="uint8", name="pixels")
     x = layers.Rescaling(1.0 / 255, name="scale")(raw)
     return raw, layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="channel")(x)
 
 
 def _head(x: Any) -> Any:
+    keras = _keras()
+    layers = keras.layers
     x = layers.Dense(NUM_CLASSES, name="logits")(x)
     return layers.Activation("softmax", dtype="float32", name="probabilities")(x)
 
 
 def _conv_bn_relu(x: Any, filters: int, batch_norm: bool, bn_momentum: float, padding: str = "valid") -> Any:
+    keras = _keras()
+    layers = keras.layers
     x = layers.Conv2D(filters, 3, padding=padding, use_bias=not batch_norm)(x)
     if batch_norm:
         x = layers.BatchNormalization(momentum=bn_momentum)(x)
@@ -68,6 +82,8 @@ def _conv_bn_relu(x: Any, filters: int, batch_norm: bool, bn_momentum: float, pa
 
 
 def build_dense(p: DenseParams) -> keras.Model:
+    keras = _keras()
+    layers = keras.layers
     raw, x = _inputs()
     x = layers.Flatten()(x)
     x = layers.Dense(p.hidden, activation="relu")(x)
@@ -76,6 +92,8 @@ def build_dense(p: DenseParams) -> keras.Model:
 
 
 def build_cnn(p: CnnParams, name: str) -> keras.Model:
+    keras = _keras()
+    layers = keras.layers
     raw, x = _inputs()
     for filters in p.filters:
         x = _conv_bn_relu(x, filters, p.batch_norm, p.bn_momentum)
@@ -94,6 +112,8 @@ def build_cnn(p: CnnParams, name: str) -> keras.Model:
 
 
 def build_cnn_deep(p: CnnDeepParams) -> keras.Model:
+    keras = _keras()
+    layers = keras.layers
     raw, x = _inputs()
     for width in p.widths:
         x = _conv_bn_relu(x, width, batch_norm=True, bn_momentum=p.bn_momentum, padding="same")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from digits_ray.errors import DigitsError
-from digits_ray.predict import Predictor
+from digits_ray.inference.predictor import Predictor
 from digits_ray.schema import IMAGE_SIZE
 from digits_ray.serve.settings import ModelChoice
 
@@ -71,7 +71,7 @@ def load(folder: Path) -> Loaded:
 
 def target_folder(choice: ModelChoice) -> Path:
     """The folder ``choice`` asks for now: its model, else what its registry serves."""
-    from digits_ray.registry import resolve_model, served_entry
+    from digits_ray.models.registry import resolve_model, served_entry
 
     if choice.model:
         return resolve_model(choice.model, choice.registry)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray.images import ImageError, ImageLimits, declared_pixels, image_to_mnist, pixels_to_mnist
+from digits_ray.inference.images import ImageError, ImageLimits, declared_pixels, image_to_mnist, pixels_to_mnist
 from digits_ray.schema import IMAGE_SIZE
 from digits_ray.serve.settings import ServeSettings
 

@@ -26,8 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from digits_ray.explain import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS
-from digits_ray.images import data_url, png_bytes, saliency_overlay
+from digits_ray.inference.explain import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS
+from digits_ray.inference.images import data_url, png_bytes, saliency_overlay
 from digits_ray.serve.holder import Loaded, ModelHolder, ModelNotReady
 from digits_ray.serve.inputs import RequestError, parse
 from digits_ray.serve.metrics import ServiceMetrics

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from digits_ray.errors import ConfigError
-from digits_ray.images import DEFAULT_MAX_PIXELS
+from digits_ray.inference.images import DEFAULT_MAX_PIXELS
 
 TOKEN_ENV = "DIGITS_SERVE_TOKEN"  # when set, POST /predict needs "Authorization: Bearer <token>"
 HOST_ENV = "DIGITS_SERVE_HOST"
@@ -258,7 +258,7 @@ def _flag(key: str, value: str) -> bool:
 
 def settings_from_args(args: dict[str, str]) -> tuple[ServeSettings, ModelChoice]:
     """Settings and the model choice from builder arguments and the environment, checked now."""
-    from digits_ray.registry import MODEL_ENV, registry_path, resolve_model
+    from digits_ray.models.registry import MODEL_ENV, registry_path, resolve_model
 
     unknown = sorted(set(args) - set(BUILDER_ARGS))
     if unknown:

@@ -29,7 +29,7 @@ class SwapError(DigitsError):
 
 def check_model(model: str, registry: str | None) -> Path:
     """Resolve and load ``model`` here, and push the probe digit through it, as a replica will."""
-    from digits_ray.registry import resolve_model
+    from digits_ray.models.registry import resolve_model
     from digits_ray.serve.holder import load
 
     folder = resolve_model(model, registry)
@@ -79,7 +79,7 @@ def swap(model: str | None, registry: str | None, address: str = DEFAULT_DASHBOA
     """Deploy ``model`` (None: follow the registry) to ``app``; returns the final /healthz, or the app status."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    from digits_ray.registry import registry_path, served_entry
+    from digits_ray.models.registry import registry_path, served_entry
 
     registry = str(registry_path(registry).resolve())
     folder = check_model(model, registry) if model else check_model(str(served_entry(registry)), registry)

@@ -15,58 +15,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
-from digits_ray.data.pipeline import StreamConfig, training_stream
+from digits_ray.data.pipeline import training_stream
 from digits_ray.data.split import TrainValData, load_train_val
 from digits_ray.errors import ConfigError
 from digits_ray.keras_api import keras
 from digits_ray.schema import IMAGE_COLUMN, LABEL_COLUMN
+from digits_ray.train import checkpoint as ckpt
 from digits_ray.train import hold, recipe
+from digits_ray.train.finished import best_checkpoint
 from digits_ray.train.reporting import ReportEachEpoch
 from digits_ray.train.result import FitResult
+from digits_ray.train.scale import ScaleConfig, per_worker_batch  # noqa: F401  (callers name them here)
 
-DEFAULT_STORAGE = Path.home() / "ray_results" / "digits-ray"
 FEED_CHUNK_BATCHES = 16  # training batches per Ray Data batch handed to a worker
-
-
-@dataclass(frozen=True)
-class ScaleConfig:
-    """How the run is spread over the cluster; every field is a flag of ``jobs/train.py``."""
-
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # fractional: on 2 cores, 2 workers + 2 data actors fit in 2 CPUs
-    data: StreamConfig = field(default_factory=StreamConfig)
-    storage_path: str = str(DEFAULT_STORAGE)
-    name: str | None = None
-    max_failures: int = 2  # worker failures to recover from (from the latest checkpoint)
-    keep_checkpoints: int = 2  # best by val_accuracy; Ray also keeps the latest for resuming
-    resume_from: str | None = None  # a checkpoint folder of an earlier run: continue after its epoch
-
-    def __post_init__(self) -> None:
-        if self.workers < 1 or not self.cpus_per_worker > 0 or self.max_failures < -1 or self.keep_checkpoints < 1:
-            raise ConfigError(
-                "need workers >= 1, cpus_per_worker > 0, max_failures >= -1 and keep_checkpoints >= 1; got "
-                f"{self.workers}, {self.cpus_per_worker}, {self.max_failures}, {self.keep_checkpoints}"
-            )
-        if self.resume_from and not ckpt.is_checkpoint(self.resume_from):
-            raise ConfigError(f"--resume-from {self.resume_from} is not a checkpoint folder (it needs "
-                              f"{ckpt.MODEL_FILE} and {ckpt.STATE_FILE}, as in RUN/epoch_0003)")
-
-
-def per_worker_batch(batch_size: int, workers: int) -> int:
-    """Each worker's part of the global batch; it must divide evenly, or workers would differ."""
-    if batch_size % workers:
-        raise ConfigError(f"batch_size {batch_size} (global) does not divide among {workers} workers; "
-                          f"use a multiple of {workers}")
-    return batch_size // workers
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -237,15 +205,6 @@ def build_trainer(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData, call
         ),
         datasets={"train": stream},
     )
-
-
-def best_checkpoint(kept: list[tuple[Any, dict[str, Any]]], run_path: str) -> Any:
-    """Of a run's kept (checkpoint, metrics), the best epoch's by ``recipe.best_epoch`` (highest
-    val_accuracy, earliest on ties)."""
-    kept = sorted(kept, key=lambda cm: cm[1]["epoch"])
-    if not kept:
-        raise RuntimeError(f"the run at {run_path} kept no checkpoint; see its logs")
-    return kept[recipe.best_epoch([metrics for _, metrics in kept])][0]
 
 
 def fit(cfg: TrainConfig, scale: ScaleConfig, data: TrainValData | None = None,

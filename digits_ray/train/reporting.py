@@ -6,8 +6,8 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from digits_ray import checkpoint as ckpt
 from digits_ray.keras_api import keras
+from digits_ray.train import checkpoint as ckpt
 
 # publish(metrics of the epoch, folder holding its checkpoint): ray.train.report or ray.tune.report.
 Publish = Callable[[dict[str, Any], str], None]

@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from digits_ray import artifact
 from digits_ray.config import TrainConfig
 from digits_ray.data.split import TrainValData
+from digits_ray.models import artifact
 from digits_ray.models.zoo import model_params
 from digits_ray.train.recipe import best_epoch
 

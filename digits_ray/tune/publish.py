@@ -8,54 +8,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from digits_ray import artifact, plots, registry, tracking
-from digits_ray import checkpoint as ckpt
+from digits_ray import plots
 from digits_ray.config import TrainConfig
 from digits_ray.data.mnist import MnistSplit, load_split
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import DigitsError
-from digits_ray.evaluate import abstain_rule, classification_metrics, predict_proba, test_figures
-from digits_ray.train import distributed
+from digits_ray.inference.evaluate import abstain_rule, predict_proba, test_figures
+from digits_ray.models import artifact, registry
+from digits_ray.models.metrics import classification_metrics
+from digits_ray.train import distributed, finished, tracking
 from digits_ray.train.result import FitResult
-from digits_ray.tune import report, space, trial
-from digits_ray.tune.search import METRIC, SearchConfig, trial_history, trials_table
-
-
-@dataclass(frozen=True)
-class PublishConfig:
-    registry: str | None = None  # None: $DIGITS_REGISTRY, else models/
-    top_k: int = 3  # ensemble members (1 or fewer trials: no ensemble)
-    final_epochs: int = 0  # 0: keep the winning trial's best checkpoint; E: retrain it E epochs with Ray Train
-    final_workers: int = 1
-    final_use_gpu: bool = False
-    final_cpus_per_worker: float | None = None  # None: an equal share of the cluster's CPUs, at most 1
+from digits_ray.tune import report, space
+from digits_ray.tune.config import PublishConfig, SearchConfig
+from digits_ray.tune.search import METRIC, trials_table
 
 
 def _by_path(results: Any) -> dict[str, Any]:
     return {result.path: result for result in results}
-
-
-def _trial_model(result: Any) -> tuple[Any, ckpt.RunState]:
-    """A trial's model at its best epoch (``recipe.best_epoch`` over the checkpoints it kept)."""
-    return ckpt.load(distributed.best_checkpoint(trial.checkpoints(result), result.path))
-
-
-def _trial_fit(result: Any, cfg: TrainConfig, data: TrainValData, workers: int) -> FitResult:
-    model, _ = _trial_model(result)
-    history = trial_history(result)
-    rows = history[[c for c in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-                                "ended_at") if c in history]].to_dict("records")
-    return FitResult.from_history(model, cfg, rows, data, {"runner": "tune_trial", "trial_path": result.path,
-                                                           "workers": workers,
-                                                           "per_worker_batch": cfg.batch_size // workers})
 
 
 def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish: PublishConfig,
@@ -65,7 +41,10 @@ def winner_fit(table: pd.DataFrame, results: Any, search: SearchConfig, publish:
     base = TrainConfig(**{**search.base.to_dict(), "epochs": search.max_epochs})
     cfg = space.train_config(best.config, base)
     if not publish.final_epochs:
-        return _trial_fit(best, cfg, data, max(1, search.workers_per_trial))
+        workers = max(1, search.workers_per_trial)
+        trained_with = {"runner": "tune_trial", "trial_path": best.path, "workers": workers,
+                        "per_worker_batch": cfg.batch_size // workers}
+        return finished.fit_result(best, cfg, data, trained_with)
     import ray
 
     cfg = dataclasses.replace(cfg, epochs=publish.final_epochs)
@@ -99,13 +78,13 @@ def ensemble_artifact(table: pd.DataFrame, results: Any, top_k: int, data: Train
     How many of the top ``top_k`` to average (2 .. top_k) is chosen on the validation split: a weak
     third trial would otherwise pull the average down.
     """
-    from digits_ray.ensemble import build_ensemble
+    from digits_ray.models.ensemble import build_ensemble
 
     rows = table[table["error"] == ""].head(top_k)
     if len(rows) < 2:
         return None
     by_path = _by_path(results)
-    candidates = [_trial_model(by_path[path])[0] for path in rows["path"]]
+    candidates = [finished.best_model(by_path[path]) for path in rows["path"]]
     size = ensemble_size([predict_proba(m, data.x_val) for m in candidates], data.y_val)
     rows, members = rows.head(size), candidates[:size]
     model = build_ensemble(members)
@@ -137,7 +116,7 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
                    track: tracking.Tracking | None = None) -> Path:
     """Everything after the search, as one registry entry; returns its folder. ``track``: the winner becomes
     an MLflow run (parameters, history, figures, the whole entry folder), whose id the entry records."""
-    from digits_ray.export import export_tflite
+    from digits_ray.models.export import export_tflite
 
     table = trials_table(results)
     if table.empty:
@@ -153,7 +132,7 @@ def publish_search(results: Any, search: SearchConfig, publish: PublishConfig, d
         plots.confusion(np.asarray(classification_metrics(probs, test.labels)["confusion_matrix"]),
                         entry / registry.SEARCH_DIR / "winner_confusion_matrix.png")
         by_path = _by_path(results)
-        histories = {trial_id: trial_history(by_path[path])[["epoch", METRIC]]
+        histories = {trial_id: finished.reported_epochs(by_path[path])[["epoch", METRIC]]
                      for trial_id, path in zip(table["trial_id"], table["path"])}
         report.write(table, histories, entry / registry.SEARCH_DIR)
         tflite = export_tflite(fitted.model, entry / registry.TFLITE_DIR, data.x_train, test.images, test.labels,

@@ -8,105 +8,25 @@ settings beside Tune's files; ``resume`` continues it with ``Tuner.restore`` and
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from digits_ray import tracking
 from digits_ray.config import TrainConfig
 from digits_ray.data.pipeline import StreamConfig
 from digits_ray.data.split import TrainValData
 from digits_ray.errors import ConfigError, DigitsError
-from digits_ray.train.distributed import DEFAULT_STORAGE, ScaleConfig
+from digits_ray.train import tracking
+from digits_ray.train.finished import reported_epochs
 from digits_ray.train.reporting import BEST_METRIC
+from digits_ray.train.scale import ScaleConfig
 from digits_ray.tune import space, trial
+from digits_ray.tune.config import SearchConfig, save_settings
 
 METRIC, MODE = "val_accuracy", "max"
 TIME_ATTR = "epoch"  # ASHA's clock: our own epoch count, which survives trial restarts
 TRIAL_DRIVER_CPU = 0.01  # a Ray Train trial only waits on its controller (Tune refuses 0)
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Budget and placement of one search; every field is a flag of ``jobs/tune.py``."""
-
-    num_samples: int = 60
-    max_epochs: int = 12  # per trial; ASHA stops most trials long before
-    grace_epochs: int = 1  # ASHA judges a trial after this many epochs at the earliest
-    reduction_factor: int = 3  # ASHA keeps the best 1/3 at each rung
-    time_budget_s: float | None = 3600.0
-    trials_at_once: int | None = None  # None: as many as the cluster's resources fit
-    cpus_per_trial: float | None = None  # None: 1 per trial, or an equal share per Ray Train worker (<= 1)
-    gpus_per_trial: float | None = None  # None: 1 where the cluster has GPUs, else 0
-    workers_per_trial: int = 0  # 0: one process per trial; N: each trial is a Ray Train run with N workers
-    seed: int = 0
-    storage_path: str = str(DEFAULT_STORAGE)
-    name: str = "tune"
-    space: space.SpaceConfig = field(default_factory=space.SpaceConfig)
-    base: TrainConfig = field(default_factory=TrainConfig)  # val split, seed, precision, patience
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.num_samples < 1 or self.max_epochs < 1:
-            problems.append(f"num_samples and max_epochs must be >= 1; got {self.num_samples}, {self.max_epochs}")
-        if not 1 <= self.grace_epochs <= self.max_epochs:
-            problems.append(f"grace_epochs must be in 1..max_epochs; got {self.grace_epochs}")
-        if self.reduction_factor < 2:
-            problems.append(f"reduction_factor must be >= 2; got {self.reduction_factor}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            problems.append(f"time budget must be positive; got {self.time_budget_s}")
-        if self.cpus_per_trial is not None and not self.cpus_per_trial > 0:
-            problems.append(f"cpus_per_trial must be > 0 (a fraction is fine); got {self.cpus_per_trial}")
-        if self.trials_at_once is not None and self.trials_at_once < 1:
-            problems.append(f"trials_at_once must be >= 1; got {self.trials_at_once}")
-        if self.workers_per_trial < 0:
-            problems.append(f"workers_per_trial must be >= 0; got {self.workers_per_trial}")
-        elif self.workers_per_trial and self.space.min_batch % self.workers_per_trial:
-            problems.append(f"every searched batch must divide among the {self.workers_per_trial} workers of a "
-                            f"trial: use a power of two <= min_batch ({self.space.min_batch})")
-        if problems:
-            raise ConfigError("invalid search configuration: " + "; ".join(problems))
-
-    @property
-    def experiment_path(self) -> Path:
-        return Path(self.storage_path).expanduser() / self.name
-
-    @property
-    def mlflow_experiment(self) -> str:
-        return tracking.EXPERIMENT_PREFIX + self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "space": dataclasses.asdict(self.space), "base": self.base.to_dict()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
-        space_values = {k: tuple(v) if isinstance(v, list) else v for k, v in values["space"].items()}
-        return cls(**{**values, "space": space.SpaceConfig(**space_values),
-                      "base": TrainConfig.from_dict(values["base"])})
-
-
-SETTINGS_FILE = "digits_search.json"  # beside Tune's files: what a resumed search must search again
-
-
-def save_settings(search: SearchConfig, data_dir: Path | None) -> None:
-    from digits_ray.artifact import write_json_atomic
-
-    search.experiment_path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(search.experiment_path / SETTINGS_FILE,
-                      {"search": search.to_dict(), "data_dir": str(data_dir.resolve()) if data_dir else None})
-
-
-def load_settings(path: Path) -> tuple[SearchConfig, Path | None]:
-    """The settings a search was started with: a resume trains the same trials on the same data."""
-    file = path / SETTINGS_FILE
-    if not file.is_file():
-        raise DigitsError(f"--resume: {path} has no {SETTINGS_FILE}; it was not started by jobs/tune.py")
-    saved = json.loads(file.read_text())
-    return SearchConfig.from_dict(saved["search"]), Path(saved["data_dir"]) if saved["data_dir"] else None
 
 
 def cluster_gpus() -> float:
@@ -232,21 +152,13 @@ def run(search: SearchConfig, data: TrainValData, resume: bool = False, data_dir
     return make_tuner(search, data, resume, data_dir, track).fit()
 
 
-def trial_history(result: Any) -> Any:
-    """A trial's reported epochs, once each: a trial restarted from an older checkpoint reports some again."""
-    history = result.metrics_dataframe
-    if history is None or history.empty or "epoch" not in history:
-        return None
-    return history.sort_values("epoch").drop_duplicates("epoch", keep="last").reset_index(drop=True)
-
-
 def trials_table(results: Any) -> Any:
     """One row per trial: its sampled config, best epoch's validation figures, epochs run, status."""
     import pandas as pd
 
     rows = []
     for result in results:
-        history = trial_history(result)
+        history = reported_epochs(result)
         if history is None or METRIC not in history:
             continue
         best = history.loc[history[METRIC].idxmax()]

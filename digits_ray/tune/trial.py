@@ -10,32 +10,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from digits_ray import checkpoint as ckpt
 from digits_ray.config import TrainConfig
 from digits_ray.data.split import TrainValData
+from digits_ray.train import checkpoint as ckpt
 from digits_ray.tune import space
 
 
 def trial_name_of(trial_id: str) -> str:
     """A trial's name and folder (Tune's default packs every sampled value into it)."""
     return f"trial_{trial_id}"
-
-
-def checkpoints(result: Any) -> list[tuple[Any, dict[str, Any]]]:
-    """A finished trial's checkpoints with their metrics, whichever kind of trial reported them.
-
-    One-process trials report Tune checkpoints; Ray Train trials report each checkpoint's path as the
-    metric ``checkpoint_path`` (``TuneReportCallback``), and Ray Train keeps the best of them.
-    """
-    from ray.tune import Checkpoint
-
-    found = list(result.best_checkpoints)
-    history = result.metrics_dataframe
-    if not found and history is not None and "checkpoint_path" in history:
-        for row in history.dropna(subset=["checkpoint_path"]).to_dict("records"):
-            if ckpt.is_checkpoint(row["checkpoint_path"]):  # Ray Train deletes all but the best few
-                found.append((Checkpoint.from_directory(row["checkpoint_path"]), row))
-    return found
 
 
 def single_process_trial(config: dict[str, Any], data: TrainValData, base: TrainConfig, threads: int) -> None:

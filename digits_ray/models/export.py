@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray.evaluate import classification_metrics
+from digits_ray.models.metrics import classification_metrics
 
 FLOAT32_FILE = "model_float32.tflite"
 INT8_FILE = "model_int8.tflite"

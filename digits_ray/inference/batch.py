@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray import abstain, artifact
-from digits_ray.images import ImageError, image_to_mnist
-from digits_ray.predict import Predictor
+from digits_ray.inference.images import ImageError, image_to_mnist
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import abstain, artifact
 
 COLUMNS = ("file", "digit", "confidence", "top3", "error")
 ABSTAIN_COLUMNS = ("abstain", "abstain_score")  # after "top3", where the model has an abstain rule
@@ -124,7 +124,7 @@ def predict_folder(model_dir: Path, folder: Path, max_actors: int | None = None,
     """Every image file under ``folder`` (recursively, by extension), through Ray Data; rows in path order."""
     import ray
 
-    from digits_ray.ray_backend import quiet_data_progress
+    from digits_ray.data.ray_backend import quiet_data_progress
 
     quiet_data_progress()
     ctx = ray.data.DataContext.get_current()

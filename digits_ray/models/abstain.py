@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray.artifact import ABSTAIN_FIELD
 from digits_ray.errors import DigitsError
+from digits_ray.models.artifact import ABSTAIN_FIELD
 from digits_ray.schema import NUM_CLASSES
 
 SCORES = ("logit_distance", "energy", "max_probability")

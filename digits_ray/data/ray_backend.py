@@ -3,6 +3,9 @@
 The same job script then works under ``ray job submit`` (RAY_ADDRESS is set), beside a
 ``ray start --head`` on this machine, and standalone on a laptop; every Ray process it starts gets
 the same environment (``runtime_env``) either way.
+
+It sits in the data layer because that environment forwards this process's data locations
+(``locations``); every layer above may connect to Ray through it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 from typing import Any
 
 from digits_ray.data.locations import CACHE_DIR_ENV, DATA_DIR_ENV, MIRRORS_ENV, OFFLINE_ENV
+from digits_ray.paths import JOB_CONFIG_ENV
 
 # What every Ray process of ours needs before TensorFlow loads (see digits_ray/__init__), and quiet logs.
 WORKER_ENV = {
@@ -22,7 +26,6 @@ WORKER_ENV = {
 }
 # Data locations of this process, forwarded so that workers read (or refuse to download) the same files.
 FORWARDED = (DATA_DIR_ENV, CACHE_DIR_ENV, OFFLINE_ENV, MIRRORS_ENV)
-_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job manager for a submitted job's driver
 
 
 def runtime_env() -> dict[str, Any]:
@@ -32,8 +35,8 @@ def runtime_env() -> dict[str, Any]:
     same variable, so variables the job already sets are left out here.
     """
     env = {**WORKER_ENV, **{name: os.environ[name] for name in FORWARDED if os.environ.get(name)}}
-    if _JOB_CONFIG in os.environ:
-        job_env = (json.loads(os.environ[_JOB_CONFIG]).get("runtime_env") or {}).get("env_vars") or {}
+    if JOB_CONFIG_ENV in os.environ:
+        job_env = (json.loads(os.environ[JOB_CONFIG_ENV]).get("runtime_env") or {}).get("env_vars") or {}
         env = {k: v for k, v in env.items() if k not in job_env}
     return {"env_vars": env}
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray import model_parts
 from digits_ray.errors import DigitsError
+from digits_ray.models import parts
 from digits_ray.schema import IMAGE_SIZE, NUM_CLASSES
 
 EXPLAIN_METHODS = ("gradcam", "saliency", "smoothgrad")
@@ -72,7 +72,7 @@ def normalized(values: np.ndarray) -> np.ndarray:
     return (values / peak if peak > 0 else np.zeros_like(values)).astype(np.float32)
 
 
-def on_input(cam: np.ndarray, grid: model_parts.Grid) -> np.ndarray:
+def on_input(cam: np.ndarray, grid: parts.Grid) -> np.ndarray:
     """A feature map's values (h, w) at every input pixel, interpolated linearly between cell centres."""
     rows = (np.arange(IMAGE_SIZE) - grid.offset[0]) / grid.step[0]
     cols = (np.arange(IMAGE_SIZE) - grid.offset[1]) / grid.step[1]
@@ -88,10 +88,10 @@ class Explainer:
 
     def __init__(self, model: Any, name: str) -> None:
         self.name = name
-        self.members = model_parts.members(model)
+        self.members = parts.members(model)
         self._lock = threading.Lock()
         self._gradient: Any = None
-        self._cam: tuple[Any, list[model_parts.Grid]] | None = None
+        self._cam: tuple[Any, list[parts.Grid]] | None = None
         self._no_cam: str | None = None  # why Grad-CAM is not available, once known
 
     def explain(self, image: np.ndarray, digit: int, method: str) -> Explanation:
@@ -134,8 +134,8 @@ class Explainer:
 
     def _zoo_members(self) -> list[Any]:
         if self.members is None:
-            raise ExplainError(f"model {self.name!r} has no {model_parts.SCALED_INPUT_LAYER!r} and "
-                               f"{model_parts.LOGITS_LAYER!r} layers; explanations need a zoo model or an "
+            raise ExplainError(f"model {self.name!r} has no {parts.SCALED_INPUT_LAYER!r} and "
+                               f"{parts.LOGITS_LAYER!r} layers; explanations need a zoo model or an "
                                f"ensemble of them")
         return self.members
 
@@ -145,8 +145,8 @@ class Explainer:
 
         with self._lock:
             if self._gradient is None:
-                paths = [keras.Model(m.get_layer(model_parts.SCALED_INPUT_LAYER).input,
-                                     m.get_layer(model_parts.LOGITS_LAYER).output) for m in self._zoo_members()]
+                paths = [keras.Model(m.get_layer(parts.SCALED_INPUT_LAYER).input,
+                                     m.get_layer(parts.LOGITS_LAYER).output) for m in self._zoo_members()]
 
                 @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.float32),
                                               tf.TensorSpec([], tf.int32)])
@@ -161,7 +161,7 @@ class Explainer:
                 self._gradient = gradient
             return self._gradient
 
-    def _cam_function(self) -> tuple[Any, list[model_parts.Grid]] | None:
+    def _cam_function(self) -> tuple[Any, list[parts.Grid]] | None:
         """(float image (1, 28, 28), digit) -> each member's map on its last convolution's grid, and the
         grids; None when a member has no convolution."""
         from digits_ray.keras_api import keras, tf
@@ -170,15 +170,15 @@ class Explainer:
             if self._cam is None and self._no_cam is None:
                 paths, grids = [], []
                 for member in self._zoo_members():
-                    found = model_parts.last_convolution(member)
+                    found = parts.last_convolution(member)
                     if found is None:
                         who = self.name if len(self.members) == 1 else member.name
                         self._no_cam = f"{who} has no convolution for Grad-CAM: saliency shown instead"
                         return None
                     layer, grid = found
-                    paths.append(keras.Model(member.get_layer(model_parts.SCALED_INPUT_LAYER).input,
+                    paths.append(keras.Model(member.get_layer(parts.SCALED_INPUT_LAYER).input,
                                              [member.get_layer(layer).output,
-                                              member.get_layer(model_parts.LOGITS_LAYER).output]))
+                                              member.get_layer(parts.LOGITS_LAYER).output]))
                     grids.append(grid)
 
                 @tf.function(input_signature=[tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE], tf.float32),

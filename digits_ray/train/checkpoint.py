@@ -4,7 +4,7 @@
       model.keras   the model with its optimizer state (the step count, so the LR schedule continues)
       state.json    the run so far: per-epoch history and the epoch each attempt started at
 
-A checkpoint is not an artifact (``artifact.py``): it is a run's resumable state, written by workers
+A checkpoint is not an artifact (``models/artifact.py``): it is a run's resumable state, written by workers
 into Ray's storage. The driver turns the best one into an artifact.
 """
 

@@ -1,6 +1,6 @@
 """The model registry: a folder of published entries and an index that says which one is served.
 
-    models/                       (``--registry``, or $DIGITS_REGISTRY)
+    ~/digits-ray/models/          (``--registry``, or $DIGITS_REGISTRY, else $DIGITS_HOME/models: paths.py)
       index.json                  {"best", "pinned", "entries": {ENTRY: summary}, "history": [...]}
       ENTRY/                      an artifact folder (the winner), plus what produced it:
         search/                   trials table (CSV + Markdown), plots, search.json
@@ -34,12 +34,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from digits_ray import artifact
 from digits_ray.errors import DigitsError
+from digits_ray.models import artifact
+from digits_ray.paths import REGISTRY_ENV, registry_default  # noqa: F401  (REGISTRY_ENV: callers name it here)
 
-REGISTRY_ENV = "DIGITS_REGISTRY"
 MODEL_ENV = "DIGITS_MODEL"  # a model folder that batch prediction and Serve read instead of the registry's choice
-DEFAULT_REGISTRY = Path("models")
 INDEX_FILE = "index.json"
 FORMAT = "digits-ray-registry/1"
 SEARCH_DIR, TFLITE_DIR, ENSEMBLE_DIR = "search", "tflite", "ensemble"
@@ -50,7 +49,7 @@ class RegistryError(DigitsError):
 
 
 def registry_path(path: Path | str | None = None) -> Path:
-    return Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY).expanduser()
+    return Path(path).expanduser() if path else registry_default()
 
 
 def read_index(registry: Path | str | None = None) -> dict[str, Any]:

@@ -11,42 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray import artifact, plots
+from digits_ray import plots
 from digits_ray.data.mnist import MnistSplit, load_split
-from digits_ray.predict import Predictor
-from digits_ray.schema import NUM_CLASSES
+from digits_ray.inference.predictor import Predictor
+from digits_ray.models import artifact
+from digits_ray.models.metrics import classification_metrics
 
 
 def predict_proba(model, images: np.ndarray) -> np.ndarray:
     """The ten probabilities per image, through the predictor that batch prediction and Serve use."""
     return Predictor(model).probabilities(images)
-
-
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Rows: true class; columns: predicted class."""
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    np.add.at(matrix, (labels.astype(np.int64), predicted.astype(np.int64)), 1)
-    return matrix
-
-
-def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    predicted = probs.argmax(axis=1)
-    matrix = confusion_matrix(labels, predicted)
-    true_pos = np.diag(matrix).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(matrix.sum(axis=0) > 0, true_pos / matrix.sum(axis=0), 0.0)
-        recall = np.where(matrix.sum(axis=1) > 0, true_pos / matrix.sum(axis=1), 0.0)
-    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
-    return {
-        "accuracy": float((predicted == labels).mean()),
-        "loss": float(-np.log(picked).mean()),
-        "count": int(len(labels)),
-        "per_class": {
-            str(c): {"precision": float(precision[c]), "recall": float(recall[c]), "support": int(matrix[c].sum())}
-            for c in range(NUM_CLASSES)
-        },
-        "confusion_matrix": matrix.tolist(),
-    }
 
 
 def test_metrics(model, test: MnistSplit) -> dict[str, Any]:

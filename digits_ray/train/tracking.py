@@ -149,7 +149,7 @@ class Run:
 
     def log_artifact(self, folder: Path | str) -> None:
         """An artifact folder's facts: parameters (what trained it), final figures, per-epoch history."""
-        from digits_ray import artifact
+        from digits_ray.models import artifact
 
         metadata = artifact.read_metadata(folder)
         self.log_params({k: metadata.get(k) for k in ("model", "model_params", "train_config", "trained_with")})

@@ -6,7 +6,7 @@ frame (``images.py`` turns real images into that). Inference runs through one tr
 with a variable batch dimension, which costs about a millisecond for one image where ``Model.predict``
 costs tens; it gives the logits too (for an ensemble, the mean of its members'), for the abstain score.
 
-Answers carry ``abstain`` and ``abstain_score`` when the artifact has an abstain rule (``abstain.py``);
+Answers carry ``abstain`` and ``abstain_score`` when the artifact has an abstain rule (``models/abstain.py``);
 ``explain`` says which pixels made the answer (``explain.py``).
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from digits_ray import abstain, artifact, model_parts
-from digits_ray.abstain import AbstainRule
 from digits_ray.errors import DigitsError
-from digits_ray.explain import DEFAULT_EXPLAIN_METHOD, Explainer, Explanation, check_method
+from digits_ray.inference.explain import DEFAULT_EXPLAIN_METHOD, Explainer, Explanation, check_method
+from digits_ray.models import abstain, artifact, parts
+from digits_ray.models.abstain import AbstainRule
 from digits_ray.schema import IMAGE_SIZE, INPUT_CONTRACT, NUM_CLASSES
 
 CHUNK = 1024  # images per call into the model: bounds memory for large batches
@@ -82,7 +82,7 @@ class Predictor:
         self._forward, self.has_logits = _forward_function(model)
         if self.abstain_rule is not None and self.abstain_rule.score != "max_probability" and not self.has_logits:
             raise abstain.AbstainError(f"model {info.name!r}: its abstain rule's {self.abstain_rule.score} score "
-                                       f"needs logits; it has no {model_parts.LOGITS_LAYER!r} layer")
+                                       f"needs logits; it has no {parts.LOGITS_LAYER!r} layer")
 
     @classmethod
     def from_artifact(cls, folder: Path | str) -> Predictor:
@@ -155,12 +155,12 @@ def _forward_function(model: Any) -> tuple[Any, bool]:
     from digits_ray.keras_api import keras, tf
 
     spec = [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.uint8)]
-    members = model_parts.members(model)
+    members = parts.members(model)
     if members is None:
         traced = tf.function(lambda x: (model(x, training=False),), input_signature=spec)
         traced.get_concrete_function()
         return traced, False
-    heads = [keras.Model(m.input, [m.output, m.get_layer(model_parts.LOGITS_LAYER).output]) for m in members]
+    heads = [keras.Model(m.input, [m.output, m.get_layer(parts.LOGITS_LAYER).output]) for m in members]
     combine = (lambda probs: probs[0]) if members[0] is model else model.layers[-1]  # an ensemble's Average
 
     def forward(x: Any) -> tuple[Any, Any]:
