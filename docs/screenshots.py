@@ -262,14 +262,18 @@ def mlflow_pictures(data_dir: Path | None, tmp: Path, ray_tmp: Path, kept: Path 
                 page.locator("button[aria-label='Close']").click()
             # The runs table: the trials' search settings and what each reached, the winner's test accuracy.
             page.get_by_role("button", name="Columns").click()
-            for group in ("Metrics", "Parameters"):  # the column tree's groups, open when they are closed
-                closed = page.locator(".du-bois-light-tree-treenode-switcher-close", has=page.locator(
-                    ".du-bois-light-tree-title", has_text=re.compile(f"^{group} [(]")))
-                if closed.count():
-                    closed.locator(".du-bois-light-tree-switcher").click()
+            tree = page.locator(".du-bois-light-tree-title")
+            tree.filter(has_text=re.compile(r"^Metrics [(]")).wait_for()
             for column in ("Dataset", "Source", "Models", "best_val_accuracy", "test_accuracy", "model",
                            "log2_batch_size", "learning_rate", "augment"):
-                page.locator(".du-bois-light-tree-title", has_text=re.compile(f"^{column}$")).first.click()
+                title = tree.filter(has_text=re.compile(f"^{column}$"))
+                for group in ("Metrics", "Parameters"):  # a group of the column tree may start closed
+                    closed = page.locator(".du-bois-light-tree-treenode-switcher-close",
+                                          has=tree.filter(has_text=re.compile(f"^{group} [(]")))
+                    if not title.count() and closed.count():
+                        closed.first.locator(".du-bois-light-tree-switcher").click()
+                        page.wait_for_timeout(500)
+                title.first.click()
                 page.wait_for_timeout(300)
             page.keyboard.press("Escape")
             page.wait_for_timeout(2000)  # the table's columns settle
