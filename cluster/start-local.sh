@@ -14,7 +14,7 @@
 # Default: one node with every port on 127.0.0.1 (Ray's single-machine mode,
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); Ray refuses worker nodes then. --multi-node: a head that
 # cluster/add-worker.sh can add nodes to; Ray then uses this machine's address, and its GCS, raylet,
-# object manager, agents and metrics listen beyond loopback (see README, "What listens where").
+# object manager, agents and metrics listen beyond loopback (see docs/cluster.md, "What listens where").
 #
 # Environment: NUM_CPUS (default: all cores), DIGITS_CLUSTER_DIR (state and logs; default
 # /tmp/digits-ray-$(id -u), at most 30 characters: Ray's socket paths must stay short),

@@ -1,4 +1,4 @@
-"""Ray clusters made by cluster/*.sh as the README shows, for tests: each with this test's marker and
+"""Ray clusters made by cluster/*.sh as docs/cluster.md shows, for tests: each with this test's marker and
 state folder, stopped afterwards (stop-local.sh, then whatever is left of its sessions and marker).
 
 The nodes of these clusters lack the project: a `digits_ray` that refuses to import comes first on

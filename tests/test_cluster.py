@@ -1,4 +1,4 @@
-"""Ray clusters on this machine, made by cluster/*.sh as the README shows.
+"""Ray clusters on this machine, made by cluster/*.sh as docs/cluster.md shows.
 
 One loopback-only head (the session's ``cluster_head``: start-local.sh, 2 CPUs) takes, the moment
 start-local.sh returns, a job with cluster/runtime_env.yaml (the working dir, pip, the Keras switch, the

@@ -1,6 +1,6 @@
 """Ray Train on a local 2-CPU Ray: 2 workers under MultiWorkerMirroredStrategy, resume, early stopping.
 
-This is also the proof of the Keras path (README, "Why tf-keras"): tf-keras ``fit`` runs under
+This is also the proof of the Keras path (docs/training.md, "Why tf-keras"): tf-keras ``fit`` runs under
 MultiWorkerMirroredStrategy inside Ray Train's TensorflowTrainer. Recovery from a killed worker (a
 whole node, there) is tests/test_cluster.py's two-node test.
 """

@@ -3,7 +3,7 @@
 Exported by each node's Ray metrics agent (the ``metrics_export_port`` of ``ray start``; Ray prefixes
 the names with ``ray_``): answers per predicted digit, their confidence, requests refused and why
 (each 4xx kind and the 503s of a full or slow replica), model swaps, and which model version each
-replica serves. docs: README "Metrics".
+replica serves. docs: docs/serving.md, "Metrics".
 """
 
 from __future__ import annotations
