@@ -11,6 +11,7 @@ when Ray starts; --variants picks some):
     one-proxy       one deployment (ingress and batching model together), Serve's Python proxy
     one-throughput  the same with Ray's throughput-optimized bundle (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)
     one-haproxy-1   one deployment behind HAProxy, one replica
+    one-haproxy-auto  the same, autoscaled from 1 to 2 replicas (serve_app.py --autoscale 1-2)
     one-haproxy     one deployment behind HAProxy, two replicas: what serve_app.py runs
 
 For each: single-image PNG requests at fixed rates (open loop: request i leaves at i/rate whatever came
@@ -47,13 +48,14 @@ from fastapi.responses import JSONResponse
 
 TARGETS = {"rates": [100, 200], "p50_vs_plain": 2.0, "p99_ms": 50.0, "images_per_s": 5000,
            "flood_p99_s": 2.0, "flood_ok_share": 0.8, "recovery_s": 1.0}
-VARIANTS = {  # name: (layout, ingress, replicas, extra Serve switches)
+VARIANTS = {  # name: (layout, ingress, replicas or (min, max) autoscaled, extra Serve switches)
     "plain": (None, None, 1, {}),
     "split-proxy": ("split", "proxy", 1, {}),
     "split-haproxy": ("split", "haproxy", 1, {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}),
     "one-proxy": ("one", "proxy", 2, {}),
     "one-throughput": ("one", "proxy", 2, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
     "one-haproxy-1": ("one", "haproxy", 1, {}),
+    "one-haproxy-auto": ("one", "haproxy", (1, 2), {}),  # replicas (min, max): autoscaled
     "one-haproxy": ("one", "haproxy", 2, {}),
 }
 
@@ -104,7 +106,8 @@ def serve_server(variant: str, model: str, port: int) -> None:
     from _split_app import split_app
 
     app = (split_app(model) if layout == "split" else
-           build_app(ServeSettings(scaling=Scaling(replicas=replicas)), ModelChoice(model=model)))
+           build_app(ServeSettings(scaling=Scaling(autoscale=replicas) if isinstance(replicas, tuple)
+                                   else Scaling(replicas=replicas)), ModelChoice(model=model)))
     serve.run(app, name="digits", route_prefix="/")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -541,7 +544,8 @@ def main() -> int:
             asyncio.run(wait_healthy(url, proc))
             results.append(measure(variant, url, pngs, args))
             if variant == args.variants[-1] and variant != "plain" and args.floods:
-                flood = overload(url, pngs, proc.pid, VARIANTS[variant][2], args)
+                replicas = VARIANTS[variant][2]
+                flood = overload(url, pngs, proc.pid, max(replicas) if isinstance(replicas, tuple) else replicas, args)
                 if args.accuracy_images:
                     n = min(args.accuracy_images, len(test))
                     accuracy = asyncio.run(test_set_through_http(url, test.images[:n], test.labels[:n], 256))

@@ -57,16 +57,15 @@ class ArtifactError(DigitsError):
 def library_versions() -> dict[str, str]:
     import numpy
     import ray
-    import tensorflow
-    import tf_keras
 
     import digits_ray
+    from digits_ray.keras_api import keras, tf  # TensorFlow through its one import point (quiet start)
 
     return {
         "digits_ray": digits_ray.__version__,
         "python": platform.python_version(),
-        "tensorflow": tensorflow.__version__,
-        "tf_keras": tf_keras.__version__,
+        "tensorflow": tf.__version__,
+        "tf_keras": keras.__version__,
         "ray": ray.__version__,
         "numpy": numpy.__version__,
     }
