@@ -269,8 +269,11 @@ def test_a_two_node_run_recovers_when_its_second_node_dies(ray_train_run, tmp_pa
     with local_cluster(tmp_path) as cluster:
         cluster.script("start-local.sh", "--multi-node")
         cluster.script("add-worker.sh", NODE_NAME="node-b")
-        status = cluster.script("status.sh").stdout
-        assert "node-b" in status and "head" in status and "2.0 CPU" in status
+        def both_nodes() -> str | None:  # Ray's resource view lags a node's start by a moment
+            status = cluster.script("status.sh").stdout
+            return status if "node-b" in status and "head" in status and "2.0 CPU" in status else None
+
+        wait_for("status.sh shows the head and node-b, 2 CPUs in all", both_nodes, 60, every_s=2)
         node_b = int((cluster.dir / "nodes" / "node-b.pid").read_text())
 
         runtime_env = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", "DIGITS_DATA_DIR": str(small_mnist),
