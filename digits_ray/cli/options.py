@@ -73,8 +73,9 @@ def add_ray_options(parser: argparse.ArgumentParser | Any, local_cpus: str) -> N
                              "'local' always starts an embedded Ray")
 
 
-def add_scale_options(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ScaleConfig`` and the Ray Data stream: a Ray Train run (``train --ray``)."""
+def add_scale_options(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Options of ``ScaleConfig`` and the Ray Data stream: a Ray Train run (``train --ray``). Returns each
+    option's destination and default, so that a command can tell which of them were given."""
     scale = parser.add_argument_group("Ray Train (with --ray: ScalingConfig, RunConfig, Ray Data)")
     scale.add_argument("--workers", type=int, default=SCALE.workers,
                        help="training workers (one GPU each); each takes --batch-size / WORKERS of every step")
@@ -92,6 +93,7 @@ def add_scale_options(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--resume-from", default=None, metavar="CHECKPOINT_DIR",
                        help="continue after the epoch of this checkpoint (e.g. RUN/epoch_0003)")
     add_ray_options(scale, "default: every CPU of the machine")
+    return {action.dest: action.default for action in scale._group_actions}
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

@@ -11,13 +11,12 @@ Both end the same way: the one test evaluation, then the artifact folder (``--ou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 from digits_ray.cli.options import (
-    SCALE,
-    STREAM,
     add_scale_options,
     add_train_options,
     keras_verbosity,
@@ -27,13 +26,6 @@ from digits_ray.cli.options import (
 from digits_ray.errors import ConfigError
 from digits_ray.paths import DEFAULT_STORAGE, artifact_default, output_path
 from digits_ray.train import tracking
-
-# Options that only a Ray Train run reads, with their defaults: given without --ray, they are refused.
-RAY_ONLY = {"workers": SCALE.workers, "use_gpu": False, "cpus_per_worker": SCALE.cpus_per_worker,
-            "data_actors": STREAM.concurrency, "cpus_per_data_actor": STREAM.cpus_per_actor,
-            "block_rows": STREAM.block_rows, "max_data_cpus": STREAM.max_data_cpus,
-            "storage_path": DEFAULT_STORAGE, "name": None, "max_failures": SCALE.max_failures,
-            "keep_checkpoints": SCALE.keep_checkpoints, "resume_from": None, "num_cpus": None, "address": None}
 
 
 def add_commands(sub: Any) -> None:
@@ -46,16 +38,16 @@ def add_commands(sub: Any) -> None:
                         help="train with Ray Train: data-parallel workers fed by Ray Data, checkpoints, resume")
     parser.add_argument("--verbose", type=int, default=keras_verbosity(), choices=(0, 1, 2),
                         help="one process: Keras progress, 1 a bar per step, 2 a line per epoch")
-    add_scale_options(parser)
+    ray_only = add_scale_options(parser)  # given without --ray, these are refused
     tracking.add_options(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=functools.partial(run, ray_only=ray_only))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, ray_only: dict[str, Any]) -> int:
     from digits_ray.models.artifact import check_writable
 
     cfg = train_config(args)
-    given = sorted(f"--{name.replace('_', '-')}" for name, default in RAY_ONLY.items()
+    given = sorted(f"--{name.replace('_', '-')}" for name, default in ray_only.items()
                    if getattr(args, name) != default)
     if given and not args.ray:
         raise ConfigError(f"{', '.join(given)} set how a Ray Train run is spread; add --ray, or leave them out "
